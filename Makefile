@@ -1,0 +1,37 @@
+# `make test` installs what the tests need into .venv (CPU build of torch on machines without a
+# GPU) and runs the whole suite. .ci/run calls it on a clean checkout.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: test test-quick install lint format clean
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# skips the slowest distributed tests (marked slow); CI runs everything
+test-quick: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	else $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" \
+	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Model backends: `torch_cuda` (PyTorch, cpu/cuda) and `mlx` (Apple MLX)."""

@@ -1,0 +1,1 @@
+"""MLX backend. Never imports torch."""

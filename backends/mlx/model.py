@@ -1,0 +1,216 @@
+"""The Parrot model in MLX: CLIP vision tower, projector and MoE here; the LLM is mlx-lm's Qwen2.
+
+Same classes, in the same order, as backends/torch_cuda/model.py. Module names are the MLX-layout
+keys (parrot.layout): language_model.*, vision_tower.vision_model.*, mm_projector.N, moe_model.*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen2
+from parrot.config import ParrotConfig, VisionConfig
+from parrot.constants import IMAGE_TOKEN_INDEX
+
+_ACT = {
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "gelu": nn.gelu,
+    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+}
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dims // heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims)
+        self.k_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims)
+        self.out_proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, D = x.shape
+        q, k, v = (
+            p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(v.hidden_size, v.intermediate_size)
+        self.fc2 = nn.Linear(v.intermediate_size, v.hidden_size)
+        self.act = _ACT[v.hidden_act]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(v.hidden_size, v.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+        self.mlp = CLIPMLP(v)
+        self.layer_norm2 = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, v: VisionConfig, layers: int):
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(v) for _ in range(layers)]
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.class_embedding = mx.zeros((v.hidden_size,))
+        self.patch_embedding = nn.Conv2d(
+            v.num_channels, v.hidden_size, kernel_size=v.patch_size, stride=v.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(v.num_positions, v.hidden_size)
+
+    def __call__(self, pixels_nhwc: mx.array) -> mx.array:
+        B = pixels_nhwc.shape[0]
+        patches = self.patch_embedding(pixels_nhwc)  # [B, gh, gw, D]
+        patches = patches.reshape(B, -1, patches.shape[-1])
+        cls = mx.broadcast_to(self.class_embedding.astype(patches.dtype), (B, 1, patches.shape[-1]))
+        h = mx.concatenate([cls, patches], axis=1)
+        return h + self.position_embedding.weight[None]
+
+
+class CLIPVisionBody(nn.Module):
+    """Up to the encoder output of the selected layer; no post_layernorm (Parrot never uses it)."""
+
+    def __init__(self, v: VisionConfig, layers: int):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(v)
+        self.pre_layrnorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+        self.encoder = CLIPEncoder(v, layers)
+
+    def __call__(self, pixels_nhwc: mx.array) -> mx.array:
+        h = self.pre_layrnorm(self.embeddings(pixels_nhwc))
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return h
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: ParrotConfig, v: VisionConfig):
+        super().__init__()
+        self.vision_model = CLIPVisionBody(v, cfg.vision_layers_used(v))
+        self.drop_cls = cfg.mm_vision_select_feature == "patch"
+
+    def __call__(self, pixels_nchw: mx.array) -> mx.array:
+        dtype = self.vision_model.pre_layrnorm.weight.dtype
+        h = self.vision_model(pixels_nchw.transpose(0, 2, 3, 1).astype(dtype))
+        return h[:, 1:] if self.drop_cls else h
+
+
+def build_projector(cfg: ParrotConfig) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Linear(cfg.mm_hidden_size, cfg.hidden_size)]
+    for _ in range(1, cfg.projector_depth):
+        layers += [nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size)]
+    return layers
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MultilingualMoE(nn.Module):
+    """Text-guided MoE, batched over images: G_v = sum_i p_i E_i(H_v) + moe_weight * H_v."""
+
+    def __init__(self, cfg: ParrotConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = [Expert(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)]
+        self.use_moe = cfg.use_moe
+        self.use_moe_residual = cfg.use_moe_residual
+        self.moe_weight = cfg.moe_weight
+
+    def routing(self, text: mx.array, text_mask: mx.array | None, cls: mx.array) -> mx.array:
+        """p [B, E] from text [B, T, C] (mask [B, T]) and the CLS visual token [B, C]."""
+        scores = (cls[:, None] @ text.transpose(0, 2, 1)) / math.sqrt(cls.shape[-1])  # [B, 1, T]
+        if text_mask is not None:
+            scores = mx.where(text_mask[:, None, :], scores, -mx.inf)
+        attn = mx.softmax(scores, axis=-1, precise=True)
+        if text_mask is not None:
+            attn = mx.where(text_mask.any(axis=-1)[:, None, None], attn, 0.0)
+        a = attn @ text  # [B, 1, C]
+        return mx.softmax(self.gate(a), axis=-1, precise=True)[:, 0]
+
+    def __call__(self, text: mx.array, text_mask: mx.array | None, image_features: mx.array) -> mx.array:
+        if not self.use_moe:
+            return image_features
+        p = self.routing(text, text_mask, image_features[:, 0])  # [B, E]
+        experts = mx.stack([e(image_features) for e in self.experts], axis=0)  # [E, B, N, C]
+        out = mx.sum(p.T[:, :, None, None].astype(experts.dtype) * experts, axis=0)
+        if self.use_moe_residual:
+            out = out + self.moe_weight * image_features
+        return out
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ParrotConfig, vision: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(cfg.llm_dict()))
+        self.vision_tower = VisionTower(cfg, vision)
+        self.mm_projector = build_projector(cfg)
+        if cfg.has_moe:
+            self.moe_model = MultilingualMoE(cfg)
+
+    def encode_images(self, pixels_nchw: mx.array) -> mx.array:
+        """CLIP + projector: [B, 3, H, W] -> H_v [B, N, C] (before the MoE)."""
+        h = self.vision_tower(pixels_nchw)
+        for layer in self.mm_projector:
+            h = layer(h)
+        return h
+
+    def apply_moe(self, text: mx.array, text_mask: mx.array | None, image_features: mx.array) -> mx.array:
+        if "moe_model" not in self:
+            return image_features
+        return self.moe_model(text, text_mask, image_features)
+
+    def embed_tokens(self, ids: mx.array) -> mx.array:
+        return self.language_model.model.embed_tokens(ids)
+
+    def splice(
+        self, input_ids: list[int], image_features: mx.array | None, text_mask: list[bool] | None = None
+    ) -> mx.array:
+        """[1, T', C] input embeddings: the placeholder replaced by MoE(H_v), text context = every text
+        token (or those with text_mask True, for training)."""
+        ids = mx.array([max(i, 0) for i in input_ids])
+        tok = self.embed_tokens(ids)[None]  # [1, T, C]
+        if IMAGE_TOKEN_INDEX not in input_ids or image_features is None:
+            return tok
+        p = input_ids.index(IMAGE_TOKEN_INDEX)
+        ctx = [i != IMAGE_TOKEN_INDEX and (text_mask is None or text_mask[j]) for j, i in enumerate(input_ids)]
+        visual = self.apply_moe(tok, mx.array(ctx)[None], image_features)
+        return mx.concatenate([tok[:, :p], visual.astype(tok.dtype), tok[:, p + 1:]], axis=1)
+
+    def __call__(self, inputs_embeds: mx.array, cache=None) -> mx.array:
+        """Logits [B, T, V] from input embeddings (mlx-lm's Qwen2 with its KV cache)."""
+        return self.language_model(None, cache=cache, input_embeddings=inputs_embeds)
+
+    @property
+    def layers(self):
+        return self.language_model.layers

@@ -1,0 +1,1 @@
+"""PyTorch backend (runs on cuda and cpu)."""

@@ -1,0 +1,91 @@
+"""`parrot.load(..., backend="cpu" | "cuda")`: the torch model behind the common interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from parrot.api import ParrotModel
+from parrot.checkpoint import Checkpoint
+
+from .loading import TORCH_DTYPES, load_torch_model
+
+
+class TorchParrot(ParrotModel):
+    def __init__(self, checkpoint: Checkpoint, dtype: str, device: str = "cpu"):
+        super().__init__(checkpoint, dtype)
+        self.backend = device
+        self.device = torch.device(device)
+        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.model = load_torch_model(checkpoint, device, dtype)
+
+    def pixels_to_torch(self, pixels: np.ndarray | None) -> torch.Tensor | None:
+        if pixels is None:
+            return None
+        return torch.from_numpy(np.asarray(pixels, dtype=np.float32)).to(self.device, self.torch_dtype)
+
+    @torch.inference_mode()
+    def _logits(self, input_ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        logits, _ = self.model(ids, pixel_values=self.pixels_to_torch(pixels))
+        return logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def batch_logits(self, batch: list[tuple[list[int], np.ndarray | None]], padding_side: str = "right"):
+        """Logits of several prompts in one padded forward; returns one [T_i, V] array per prompt."""
+        T = max(len(ids) for ids, _ in batch)
+        pad = self.tokenizer.pad_id
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.bool)
+        for i, (row, _) in enumerate(batch):
+            if padding_side == "left":
+                ids[i, T - len(row):], mask[i, T - len(row):] = torch.tensor(row), True
+            else:
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
+        C, H, W = 3, self.image_settings.crop_height, self.image_settings.crop_width
+        pix = np.zeros((len(batch), C, H, W), dtype=np.float32)
+        for i, (_, p) in enumerate(batch):
+            if p is not None:
+                pix[i] = p[0]
+        has_image = any(p is not None for _, p in batch)
+        logits, s = self.model(
+            ids.to(self.device), mask.to(self.device), self.pixels_to_torch(pix) if has_image else None,
+            padding_side=padding_side,
+        )
+        out = []
+        for i in range(len(batch)):
+            keep = s.attention_mask[i]
+            out.append(logits[i][keep].float().cpu().numpy())
+        return out
+
+    # ---------------------------------------------------------------- incremental decoding
+    def new_cache(self):
+        """An empty KV cache for `forward_embeddings`."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.model.config)
+
+    @torch.inference_mode()
+    def image_features(self, pixels: np.ndarray | None) -> torch.Tensor | None:
+        """CLIP + projector output H_v [1, N, C] for preprocessed pixels (cacheable per image)."""
+        px = self.pixels_to_torch(pixels)
+        return None if px is None else self.model.encode_images(px)
+
+    @torch.inference_mode()
+    def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
+        """[1, T', C] prompt embeddings: the visual tokens computed once, from the prompt's text."""
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        return self.model.splice(ids, image_features=image_features).inputs_embeds
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        return self.model.model.embed_tokens(torch.tensor([ids], dtype=torch.long, device=self.device))
+
+    @torch.inference_mode()
+    def forward_embeddings(self, embeds: torch.Tensor, cache=None) -> torch.Tensor:
+        """float32 logits [1, T, V] for embeddings that continue what `cache` holds (None: no cache)."""
+        offset = cache.get_seq_length() if cache is not None else 0
+        T = embeds.shape[1]
+        pos = torch.arange(offset, offset + T, device=self.device)[None]
+        mask = torch.ones((1, offset + T), dtype=torch.bool, device=self.device)
+        h = self.model.decoder(embeds, mask, pos, cache=cache)
+        return self.model.lm_head(h).float()

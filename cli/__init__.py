@@ -1,0 +1,1 @@
+"""The `parrot` command group."""

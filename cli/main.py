@@ -1,0 +1,71 @@
+"""`parrot`: the command group. Commands live in their own modules and are imported lazily, so
+`parrot --help` stays fast and a Mac without torch never imports it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+from parrot import __version__
+from parrot.errors import ParrotError
+
+# command name -> (module, function, one-line help)
+COMMANDS = {
+    "chat": ("parrot.cli.chat", "chat", "Chat about an image (streamed answers; interactive or --prompt)."),
+    "convert": ("parrot.cli.convert", "convert", "Convert between official, MLX (quantized), DeepSpeed/DCP layouts."),
+    "train": ("parrot.cli.train", "train", "Train stage 1 / stage 2 (torch: cpu/cuda, DeepSpeed, FSDP2; mlx)."),
+    "generate": ("parrot.cli.generate", "generate", "Answer a JSONL file of (image, prompt) requests, resumably."),
+    "bench": ("parrot.cli.bench", "bench", "Measure prompt/generation tokens per second and peak memory."),
+}
+
+
+def _available(name: str) -> bool:
+    return importlib.util.find_spec(COMMANDS[name][0]) is not None
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [n for n in COMMANDS if _available(n)]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not _available(name):
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="parrot")
+def cli() -> None:
+    """Parrot: multilingual vision-language model, PyTorch and MLX backends."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line to stderr and exit 1, without a traceback."""
+    try:
+        cli.main(args=argv, prog_name="parrot", standalone_mode=False)
+    except ParrotError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Layout conversion between official, MLX, DeepSpeed and DCP checkpoints."""

@@ -1,0 +1,303 @@
+"""Safetensors reading and writing in numpy, one tensor at a time (bf16 through ml_dtypes).
+
+Reading checks the header against the file size, so a truncated or corrupt file fails with a
+message naming the file. Writing is planned: the shard headers are computed from the list of
+tensors up front, then each tensor is written as it arrives, so memory never holds more than one
+tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ParrotError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+ST_TO_NP = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
+NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
+NAME_TO_NP = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+NP_TO_NAME = {v: k for k, v in NAME_TO_NP.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return ST_TO_NP[self.dtype]
+
+
+class SafetensorsFile:
+    """One .safetensors file: its validated header and random access to each tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ParrotError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ParrotError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise ParrotError(
+                    f"{self.path}: corrupt or truncated safetensors file (header of {n} bytes in a "
+                    f"{size}-byte file). Download or convert it again."
+                )
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ParrotError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        data_size = size - base
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, entry in header.items():
+            try:
+                dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ParrotError(f"{self.path}: corrupt safetensors header entry for {key!r}") from None
+            if dtype not in ST_TO_NP:
+                raise ParrotError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
+            expected = math.prod(shape) * ST_TO_NP[dtype].itemsize
+            if e - b != expected or b < 0:
+                raise ParrotError(f"{self.path}: corrupt safetensors header: tensor {key!r} has wrong size")
+            if e > data_size:
+                raise ParrotError(
+                    f"{self.path}: truncated safetensors file: tensor {key!r} ends at byte {base + e} but the "
+                    f"file has {size} bytes. Download or convert it again."
+                )
+            self.tensors[key] = TensorInfo(dtype, shape, base + b, base + e)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, key: str) -> np.ndarray:
+        info = self.tensors[key]
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(buf))
+        if got != info.nbytes:
+            raise ParrotError(f"{self.path}: truncated while reading tensor {key!r}")
+        return buf.view(info.np_dtype).reshape(info.shape)
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        return {k: self.read(k) for k in self.tensors}
+
+
+class CheckpointFiles:
+    """The safetensors of a model directory: sharded with an index, one file, or a set of files."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        files: list[Path]
+        self.weight_map: dict[str, str] = {}
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(wm, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise ParrotError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+            files = [self.directory / name for name in dict.fromkeys(wm.values())]
+            for f in files:
+                if not f.is_file():
+                    raise ParrotError(f"{f}: listed in {INDEX_NAME} but missing. Download it again.")
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise ParrotError(
+                    f"{self.directory}: no *.safetensors weights found (pickled .bin weights are not "
+                    "loaded; convert them to safetensors first)"
+                )
+        self.files = {f.name: SafetensorsFile(f) for f in files}
+        self.location: dict[str, str] = {}
+        for name, sf in self.files.items():
+            for k in sf.tensors:
+                self.location[k] = name
+        for k, name in self.weight_map.items():
+            if self.location.get(k) != name:
+                raise ParrotError(f"{self.directory / name}: index lists tensor {k!r} but the file lacks it")
+
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def info(self, key: str) -> TensorInfo:
+        return self.files[self.location[key]].tensors[key]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.info(k).shape for k in self.location}
+
+    def read(self, key: str) -> np.ndarray:
+        return self.files[self.location[key]].read(key)
+
+    def total_bytes(self) -> int:
+        return sum(sf.path.stat().st_size for sf in self.files.values())
+
+    def stored_dtype(self) -> str | None:
+        """The floating dtype most of the weights are stored in ('bfloat16', ...), or None."""
+        count: dict[str, int] = {}
+        for name in self.location:
+            info = self.info(name)
+            if info.np_dtype in NP_TO_NAME:
+                count[NP_TO_NAME[info.np_dtype]] = count.get(NP_TO_NAME[info.np_dtype], 0) + info.nbytes
+        return max(count, key=count.get) if count else None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ShardedWriter:
+    """Writes planned tensors into shards (`model-00001-of-0000N.safetensors`) plus the index.
+
+    The plan fixes every header before the first byte is written; `write` must then be called once
+    per tensor in plan order.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        plan: list[TensorSpec],
+        max_shard_bytes: int = 5 * 1024**3,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in plan:
+            if shards[-1] and size + spec.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+        n = len(shards)
+        self.names = (
+            [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.shards = shards
+        self.queue: list[tuple[int, TensorSpec]] = [(i, s) for i, sh in enumerate(shards) for s in sh]
+        self.pos = 0
+        self._file = None
+        self._shard = -1
+        self.bytes_written = 0
+
+    def _open(self, i: int) -> None:
+        if self._file:
+            self._file.close()
+        offsets, header = 0, {"__metadata__": self.metadata}
+        for s in self.shards[i]:
+            header[s.key] = {"dtype": NP_TO_ST[s.dtype], "shape": list(s.shape),
+                             "data_offsets": [offsets, offsets + s.nbytes]}
+            offsets += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.directory / self.names[i], "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = i
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        if self.pos >= len(self.queue):
+            raise RuntimeError(f"tensor {key!r} is not in the write plan")
+        i, spec = self.queue[self.pos]
+        if spec.key != key or tuple(array.shape) != spec.shape or array.dtype != spec.dtype:
+            raise RuntimeError(
+                f"write out of plan: got {key} {array.dtype}{tuple(array.shape)}, "
+                f"planned {spec.key} {spec.dtype}{spec.shape}"
+            )
+        if i != self._shard:
+            self._open(i)
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        self.bytes_written += spec.nbytes
+        self.pos += 1
+
+    def close(self) -> None:
+        if self.pos != len(self.queue):
+            raise RuntimeError(f"only {self.pos} of {len(self.queue)} planned tensors were written")
+        if self._file:
+            self._file.close()
+            self._file = None
+        if len(self.names) > 1:
+            weight_map = {s.key: self.names[i] for i, s in self.queue}
+            index = {"metadata": {"total_size": sum(s.nbytes for _, s in self.queue)}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_tensors(
+    tensors: dict[str, np.ndarray], directory: str | Path, max_shard_bytes: int = 5 * 1024**3
+) -> list[str]:
+    """Writes in-memory numpy tensors as (sharded) safetensors; returns the file names."""
+    plan = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = ShardedWriter(directory, plan, max_shard_bytes)
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.close()
+    return w.names
+
+
+def iter_tensors(files: CheckpointFiles, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) one at a time, file by file in stored order."""
+    wanted = set(keys) if keys is not None else None
+    for sf in files.files.values():
+        for k in sorted(sf.tensors, key=lambda k: sf.tensors[k].start):
+            if wanted is None or k in wanted:
+                yield k, sf.read(k)
+
+
+def remove_weight_files(directory: str | Path) -> None:
+    d = Path(directory)
+    for p in list(d.glob("*.safetensors")) + [d / INDEX_NAME]:
+        if p.exists():
+            os.remove(p)
