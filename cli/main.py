@@ -7,6 +7,7 @@ import importlib
 import sys
 
 import click
+
 from parrot import __version__
 from parrot.errors import ParrotError
 

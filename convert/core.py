@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from parrot.checkpoint import Checkpoint
 from parrot.config import DTYPES
 from parrot.errors import ParrotError

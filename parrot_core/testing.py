@@ -70,7 +70,10 @@ def train_tokenizer(vocab_size: int = 384) -> _HFTokenizer:
 
 def write_tokenizer(directory: Path, vocab_size: int = 384) -> int:
     tok = train_tokenizer(vocab_size)
-    tok.save(str(directory / "tokenizer.json"))
+    data = json.loads(tok.to_str())
+    # merges as "a b" strings (the format Qwen ships), which older tokenizers releases also read
+    data["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    (directory / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     added = {
         str(tok.token_to_id(t)): {"content": t, "special": True, "normalized": False, "lstrip": False,
                                   "rstrip": False, "single_word": False}
@@ -85,8 +88,7 @@ def write_tokenizer(directory: Path, vocab_size: int = 384) -> int:
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     vocab = tok.get_vocab()
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    lines = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in merges]
+    lines = ["#version: 0.2"] + data["model"]["merges"]
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return tok.get_vocab_size(with_added_tokens=True)
 

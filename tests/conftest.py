@@ -15,8 +15,9 @@ import importlib.util  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from parrot.testing import TinySpec, spec_variants, write_tiny_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from parrot.testing import TinySpec, spec_variants, write_tiny_checkpoint  # noqa: E402
 
 HAS_MLX = importlib.util.find_spec("mlx") is not None
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -66,3 +67,12 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> No
     assert "Traceback" not in out, out
     for n in needles:
         assert n.lower() in out.lower(), f"{n!r} not in: {out}"
+
+
+BLOCK_IMPORTS = Path(__file__).parent / "support" / "block_imports"
+
+
+def without_packages(*names: str) -> dict:
+    """Environment for a subprocess in which `names` (e.g. "torch", "mlx") look uninstalled."""
+    pp = os.pathsep.join([str(BLOCK_IMPORTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": pp, "PARROT_TEST_BLOCK": ",".join(names)}

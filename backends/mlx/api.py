@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
+
 from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
 

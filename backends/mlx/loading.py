@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+
 from parrot.checkpoint import Checkpoint
 from parrot.errors import ParrotError
 from parrot.layout import QUANT_SUFFIXES, mlx_to_official_key, official_to_mlx_array, official_to_mlx_key

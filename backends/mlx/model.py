@@ -11,6 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen2
+
 from parrot.config import ParrotConfig, VisionConfig
 from parrot.constants import IMAGE_TOKEN_INDEX
 

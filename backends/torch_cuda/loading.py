@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
 from parrot.checkpoint import Checkpoint
 from parrot.config import ParrotConfig, VisionConfig
 from parrot.errors import ParrotError
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from .model import ParrotForCausalLM
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from parrot.config import ParrotConfig, VisionConfig
-from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from torch import nn
 from transformers import CLIPVisionConfig, Qwen2Config, Qwen2Model
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
+
+from parrot.config import ParrotConfig, VisionConfig
+from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
