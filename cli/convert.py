@@ -9,8 +9,12 @@ from parrot.config import DTYPES
 from parrot.errors import ParrotError
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 @click.command("convert")
@@ -26,11 +30,14 @@ def _gb(n: int) -> str:
               help="Quantization group size [default: 64].")
 @click.option("--quantize-experts/--no-quantize-experts", default=None,
               help="Quantize the MoE experts too [default: yes; see docs/benchmarks.md].")
+@click.option("--quantize-embeddings/--no-quantize-embeddings", default=None,
+              help="Quantize embed_tokens and lm_head too [default: yes, as mlx-lm does].")
 @click.option("--vision-tower", default=None, metavar="DIR|ID",
               help="CLIP tower: merged when SRC lacks its weights; its config when mm_vision_tower doesn't resolve.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
-            quantize_experts: bool | None, vision_tower: str | None, force: bool) -> None:
+            quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
+            force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
 
     \b
@@ -43,8 +50,9 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
     from parrot.convert.quantize import QUANTIZE_EXPERTS_DEFAULT
     from tqdm import tqdm
 
-    if bits is None and (group_size is not None or quantize_experts is not None):
-        raise ParrotError("--group-size and --quantize-experts apply to quantization; add -q 4 or -q 8")
+    if bits is None and (group_size, quantize_experts, quantize_embeddings) != (None, None, None):
+        raise ParrotError("--group-size, --quantize-experts and --quantize-embeddings apply to quantization; "
+                          "add -q 4 or -q 8")
     bar: list[tqdm] = []
 
     def start(source) -> None:
@@ -57,6 +65,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
             src, dst, to=to, dtype=dtype, quantize_bits=int(bits) if bits else None,
             group_size=int(group_size or 64),
             quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
+            quantize_embeddings=quantize_embeddings is not False,
             vision_tower=vision_tower, force=force, on_start=start,
             progress=lambda n: bar[0].update(n),
         )
@@ -69,5 +78,5 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
         what += f", {q['bits']}-bit (group size {q['group_size']}: {len(q['quantized'])} module kinds quantized"
         what += f", {len(q['kept_float'])} kept float)" if q["kept_float"] else ")"
     rate = result.source_bytes / max(result.seconds, 1e-9)
-    click.echo(f"Wrote {result.path} ({what}, {result.dtype}): {_gb(result.written_bytes)} from "
-               f"{_gb(result.source_bytes)} in {result.seconds:.1f} s ({_gb(int(rate))}/s)")
+    click.echo(f"Wrote {result.path} ({what}, {result.dtype}): {_size(result.written_bytes)} from "
+               f"{_size(result.source_bytes)} in {result.seconds:.1f} s ({_size(rate)}/s)")

@@ -105,7 +105,7 @@ def _plan(source: Source, to: str, dtype: np.dtype | None, spec: QuantSpec | Non
             if ".experts." in t.key and not spec.experts:
                 kept_float["moe_model.experts"] = "experts kept float (--no-quantize-experts)"
             if t.key in ("model.embed_tokens.weight", "lm_head.weight") and not spec.embeddings:
-                kept_float[module_pattern(t.key)] = "embeddings kept float (quantize_embeddings=False)"
+                kept_float[module_pattern(t.key)] = "embeddings kept float (--no-quantize-embeddings)"
         items.append(_Item(t, out_dt, [TensorSpec(key, out_dt, shape)]))
     record = quantization_record(spec, quantized, kept_float) if spec is not None else None
     return items, record
