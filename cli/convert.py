@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import click
@@ -59,19 +60,23 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
         bar.append(tqdm(total=source.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
                         desc="converting", dynamic_ncols=True))
 
-    warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
-    try:
-        result = convert_checkpoint(
-            src, dst, to=to, dtype=dtype, quantize_bits=int(bits) if bits else None,
-            group_size=int(group_size or 64),
-            quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
-            quantize_embeddings=quantize_embeddings is not False,
-            vision_tower=vision_tower, force=force, on_start=start,
-            progress=lambda n: bar[0].update(n),
-        )
-    finally:
-        for b in bar:
-            b.close()
+    def show(message, *args, **kwargs) -> None:
+        tqdm.write(f"Warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            result = convert_checkpoint(
+                src, dst, to=to, dtype=dtype, quantize_bits=int(bits) if bits else None,
+                group_size=int(group_size or 64),
+                quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
+                quantize_embeddings=quantize_embeddings is not False,
+                vision_tower=vision_tower, force=force, on_start=start,
+                progress=lambda n: bar[0].update(n),
+            )
+        finally:
+            for b in bar:
+                b.close()
     what = "MLX" if result.target == "mlx" else "official (hf)"
     q = result.quantization
     if q:

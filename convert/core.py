@@ -111,6 +111,11 @@ def _plan(source: Source, to: str, dtype: np.dtype | None, spec: QuantSpec | Non
     return items, record
 
 
+def _nothing_quantized(spec: QuantSpec, notes: list[str]) -> None:
+    _warn(f"no layer has an input size divisible by the group size {spec.group_size}: the output is a float "
+          "model (try a smaller --group-size)", notes)
+
+
 def _cast(a: np.ndarray, dtype: np.dtype, key: str, notes: list[str]) -> np.ndarray:
     if a.dtype == dtype:
         return a
@@ -186,6 +191,9 @@ def convert_checkpoint(
               + ("; quantizing them again adds a second rounding" if spec else ""), notes)
     target_dt = NAME_TO_NP[dtype] if dtype else None
     items, record = _plan(source, to, target_dt, spec)
+    if record is not None and not record["quantized"]:
+        _nothing_quantized(spec, notes)
+        record = None
     cfg = source.checkpoint.config
     cfg.vision_config = source.checkpoint.tower.config
     out_dtype = dtype or source.stored_dtype()

@@ -3,7 +3,7 @@ read-and-write loop over the same files, measured in the same run, plus peak RSS
 
 Writes a synthetic official-layout checkpoint (mid-size config, random bf16 weights, several
 shards; >= 3 GB by default), then alternates copy loop and conversion, each in its own process
-(so its peak RSS is its own), from the same page-cache state:
+(so its peak RSS is its own), from the same page-cache state, in alternating order:
   cold: before each run, dirty pages are flushed (sync) and the source's pages dropped from the
         page cache with posix_fadvise(DONTNEED) (no root needed);
   warm: the source is read once just before each run.
@@ -165,7 +165,8 @@ def main() -> None:
         results: dict[tuple[str, str], list[dict]] = {}
         for r in range(args.rounds):
             for cache, prepare in (("cold", drop_cache), ("warm", warm_cache)):
-                for name, program in (("copy loop", COPY_LOOP), ("convert", CONVERT)):
+                order = [("copy loop", COPY_LOOP), ("convert", CONVERT)]
+                for name, program in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
                     prepare(shards)
                     res = run(program, src, work / "out")
                     results.setdefault((cache, name), []).append(res)

@@ -240,6 +240,32 @@ def test_mlx_lm_per_module_quantization_entries_are_honoured(models, tmp_path):
     assert np.abs(back - w).max() <= np.abs(s).max() * 1.0001
 
 
+def test_quantized_mlx_source_converts_to_float_or_requantized_mlx(models, tmp_path):
+    import parrot
+
+    with pytest.warns(UserWarning, match="lossy"):
+        convert_checkpoint(models / "q8", tmp_path / "float", dtype="float32")
+    assert not any(k.endswith(".scales") for k in CheckpointFiles(tmp_path / "float").keys())
+    assert "quantization" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    with pytest.warns(UserWarning, match="second rounding"):
+        convert_checkpoint(models / "q8", tmp_path / "again", quantize_bits=8)
+    q8 = parrot.load(models / "q8", backend="mlx")
+    ids = q8.encode_prompt(PROMPTS[1], has_image=True)
+    pixels = q8.preprocess(random_image(29, 37, seed=1))
+    ref = q8.logits(ids, pixels)
+    assert np.abs(parrot.load(tmp_path / "float", backend="mlx").logits(ids, pixels) - ref).max() <= 1e-4
+    top1, _ = compare(q8, parrot.load(tmp_path / "again", backend="mlx"))
+    assert top1 >= 0.95
+
+
+def test_model_with_no_divisible_layer_is_written_float_with_a_warning(tmp_path, tiny_ckpt):
+    with pytest.warns(UserWarning, match="no layer has an input size divisible by the group size 128"):
+        result = convert_checkpoint(tiny_ckpt, tmp_path / "out", quantize_bits=4, group_size=128)
+    assert result.quantization is None
+    assert "quantization" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not any(k.endswith(".scales") for k in CheckpointFiles(tmp_path / "out").keys())
+
+
 def test_quantize_options_are_checked(tiny_ckpt, tmp_path):
     with pytest.raises(ParrotError, match="--to mlx"):
         convert_checkpoint(tiny_ckpt, tmp_path / "x", to="hf", quantize_bits=4)
