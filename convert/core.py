@@ -181,7 +181,8 @@ def convert_checkpoint(
     src_path = resolve_model_path(src)
     if dst.resolve() == src_path.resolve():
         raise ParrotError(f"{dst}: the destination is the source directory; choose another DST")
-    source = open_source(src_path, _tower_argument(vision_tower, src_path))
+    tower_arg = _tower_argument(vision_tower, src_path)
+    source = open_source(src_path, tower_arg)
     Tokenizer.from_dir(source.path)  # missing or broken tokenizer files fail before any weight is written
     notes: list[str] = []
     if source.quantization:
@@ -196,6 +197,9 @@ def convert_checkpoint(
         record = None
     cfg = source.checkpoint.config
     cfg.vision_config = source.checkpoint.tower.config
+    if vision_tower is not None:  # name the tower that resolved (an id as given, a directory absolute)
+        local = Path(str(vision_tower))
+        cfg.mm_vision_tower = str(local.resolve()) if local.exists() else str(vision_tower)
     out_dtype = dtype or source.stored_dtype()
     cfg.torch_dtype = out_dtype if out_dtype in DTYPES else cfg.torch_dtype
     cfg.quantization = record

@@ -153,8 +153,9 @@ def test_vision_tower_supplies_the_config_when_mm_vision_tower_does_not_resolve(
     assert proc.returncode == 1 and "mm_vision_tower" in proc.stderr and not (tmp_path / "mlx").exists()
     proc = run_parrot("convert", src, tmp_path / "mlx", "--vision-tower", tower)
     assert proc.returncode == 0, proc.stderr
-    vc = json.loads((tmp_path / "mlx" / "config.json").read_text())["vision_config"]
-    assert VisionConfig.from_dict(vc) == TinySpec().vision
+    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    assert VisionConfig.from_dict(config["vision_config"]) == TinySpec().vision
+    assert config["mm_vision_tower"] == str(tower.resolve())
 
 
 def test_hub_id_source_offline_fails_clearly(tmp_path):

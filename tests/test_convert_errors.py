@@ -197,3 +197,23 @@ def test_failure_midway_leaves_no_destination(tiny_ckpt, tmp_path, monkeypatch):
         convert_checkpoint(tiny_ckpt, tmp_path / "out", progress=written.append)
     assert len(written) > 0  # it failed after writing part of the output
     assert_no_output(tmp_path / "out")
+
+
+def test_disk_full_is_reported_and_leaves_no_destination(tiny_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    from parrot.safetensors_io import ShardedWriter
+
+    real = ShardedWriter.write
+    calls = []
+
+    def write(self, key, array):
+        calls.append(key)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, array)
+
+    monkeypatch.setattr(ShardedWriter, "write", write)
+    with pytest.raises(ParrotError, match="No space left on device"):
+        convert_checkpoint(tiny_ckpt, tmp_path / "out")
+    assert_no_output(tmp_path / "out")

@@ -274,3 +274,19 @@ def test_quantize_options_are_checked(tiny_ckpt, tmp_path):
     with pytest.raises(ParrotError, match="--group-size 48"):
         convert_checkpoint(tiny_ckpt, tmp_path / "x", quantize_bits=4, group_size=48)
     assert not Path(tmp_path / "x").exists()
+
+
+def test_bf16_source_quantizes_with_bf16_scales_and_loads(tmp_path):
+    import parrot
+
+    src = write_tiny_checkpoint(tmp_path / "src", SPEC, seed=3, dtype="bfloat16")
+    convert_checkpoint(src, tmp_path / "q8", quantize_bits=8)
+    files = CheckpointFiles(tmp_path / "q8")
+    assert files.info("language_model.model.layers.0.self_attn.q_proj.scales").dtype == "BF16"
+    assert files.info("mm_projector.0.weight").dtype == "BF16"
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = parrot.load(tmp_path / "q8", backend="mlx")
+    assert model.dtype == "bfloat16"
+    reference = parrot.load(src, backend="mlx", dtype="float32")
+    top1, _ = compare(reference, model)
+    assert top1 >= 0.8
