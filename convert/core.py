@@ -1,63 +1,143 @@
-"""Streaming layout conversion (float): official <-> MLX, tensor by tensor, into a temporary
-directory renamed into place at the end. Every tensor the source holds is carried (the unused CLIP
-layer too), so official -> MLX -> official is bit-exact."""
+"""`parrot convert` as a library function: a Parrot directory (or hub id) in, a self-contained
+official-layout ("hf") or MLX-layout directory out, optionally quantized.
+
+Streaming: tensors are read, translated (parrot.layout), cast, quantized and written one at a time
+into a planned sharded writer, so memory holds about one tensor. Output goes to a temporary
+directory renamed into place at the end; any error leaves no destination behind. Every tensor the
+source holds is carried (CLIP's unused last layer too), so official -> MLX -> official is bit-exact.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from parrot.checkpoint import Checkpoint
-from parrot.config import DTYPES
+from parrot.config import DTYPES, KNOWN_VISION_TOWERS
 from parrot.errors import ParrotError
 from parrot.fsutil import atomic_output_dir
-from parrot.layout import (
-    mlx_to_official_array,
-    mlx_to_official_key,
-    mlx_to_official_shape,
-    official_to_mlx_array,
-    official_to_mlx_key,
-    official_to_mlx_shape,
-    tower_to_official_key,
-)
+from parrot.hub import download, is_hub_id, resolve_model_path
+from parrot.layout import official_to_mlx_array, official_to_mlx_key, official_to_mlx_shape
 from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
-from parrot.tokenizer import copy_tokenizer_files
+from parrot.tokenizer import CHATML_TEMPLATE, Tokenizer, copy_tokenizer_files
+from parrot.tower import find_tower_dir
+
+from .quantize import QUANTIZE_EXPERTS_DEFAULT, QuantSpec, module_pattern, quantization_record, quantize
+from .sources import Source, SourceTensor, has_vision_weights, open_source
 
 TARGETS = ("mlx", "hf")
-
-
+TOWER_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors"]
 _FLOATS = {*NAME_TO_NP.values(), np.dtype(np.float64)}
+_FLOAT_BY_POLICY = {  # official prefix -> (MLX module, why it stays float)
+    "model.vision_tower.": ("vision_tower", "vision tower stays float"),
+    "model.mm_projector.": ("mm_projector", "projector stays float"),
+    "model.moe_model.gate.": ("moe_model.gate", "MoE router stays float"),
+}
 
 
-def _cast(a: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
-    if dtype is None or a.dtype == dtype or a.dtype not in _FLOATS:
+@dataclass
+class ConversionResult:
+    path: Path
+    target: str  # "mlx" | "hf"
+    dtype: str  # float dtype of the non-quantized tensors (config torch_dtype)
+    quantization: dict | None  # the config.json entry, None for float output
+    source_bytes: int
+    written_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    source: SourceTensor
+    dtype: np.dtype  # cast target
+    specs: list[TensorSpec]  # 1 output, or 3 (weight, scales, biases) when quantized
+
+
+def _warn(msg: str, notes: list[str]) -> None:
+    notes.append(msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _tower_argument(vision_tower, src: Path):
+    """A hub id given as --vision-tower is downloaded when needed: when SRC lacks the tower weights,
+    or when it is neither cached nor a built-in tower config."""
+    if vision_tower is None or Path(str(vision_tower)).exists() or not is_hub_id(str(vision_tower)):
+        return vision_tower
+    name = str(vision_tower)
+    need_weights = not has_vision_weights(src)
+    cached = find_tower_dir(name, None)
+    if cached is not None and (not need_weights or any(cached.glob("*.safetensors"))):
+        return cached
+    if need_weights or name not in KNOWN_VISION_TOWERS:
+        return download(name, allow_patterns=TOWER_PATTERNS)
+    return name
+
+
+def _plan(source: Source, to: str, dtype: np.dtype | None, spec: QuantSpec | None):
+    items: list[_Item] = []
+    quantized: list[str] = []
+    kept_float: dict[str, str] = {}
+    for t in source.tensors:
+        out_dt = dtype if dtype is not None and t.dtype in _FLOATS else t.dtype
+        key = official_to_mlx_key(t.key) if to == "mlx" else t.key
+        shape = official_to_mlx_shape(t.key, t.shape) if to == "mlx" else tuple(t.shape)
+        if spec is not None and spec.candidate(t.key):
+            if spec.divisible(t.shape):
+                qshape, sshape = spec.quantized_shapes(t.shape)
+                base = key.removesuffix(".weight")
+                items.append(_Item(t, out_dt, [TensorSpec(key, np.dtype(np.uint32), qshape),
+                                               TensorSpec(f"{base}.scales", out_dt, sshape),
+                                               TensorSpec(f"{base}.biases", out_dt, sshape)]))
+                quantized.append(module_pattern(t.key))
+                continue
+            kept_float[module_pattern(t.key)] = (
+                f"input size {t.shape[-1]} is not divisible by the group size {spec.group_size}"
+            )
+        elif spec is not None and t.key.endswith(".weight") and len(t.shape) == 2:
+            for prefix, (module, why) in _FLOAT_BY_POLICY.items():
+                if t.key.startswith(prefix):
+                    kept_float[module] = why
+            if ".experts." in t.key and not spec.experts:
+                kept_float["moe_model.experts"] = "experts kept float (--no-quantize-experts)"
+            if t.key in ("model.embed_tokens.weight", "lm_head.weight") and not spec.embeddings:
+                kept_float[module_pattern(t.key)] = "embeddings kept float (--no-quantize-embeddings)"
+        items.append(_Item(t, out_dt, [TensorSpec(key, out_dt, shape)]))
+    record = quantization_record(spec, quantized, kept_float) if spec is not None else None
+    return items, record
+
+
+def _nothing_quantized(spec: QuantSpec, notes: list[str]) -> None:
+    _warn(f"no layer has an input size divisible by the group size {spec.group_size}: the output is a float "
+          "model (try a smaller --group-size)", notes)
+
+
+def _cast(a: np.ndarray, dtype: np.dtype, key: str, notes: list[str]) -> np.ndarray:
+    if a.dtype == dtype:
         return a
-    return a.astype(dtype)
-
-
-def _sources(ckpt: Checkpoint) -> list[tuple[str, str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
-    """(official key, source key, official shape, stored dtype, reader) for every tensor to carry."""
-    out = []
-    for sf in ckpt.files.files.values():
-        for k in sorted(sf.tensors, key=lambda k: sf.tensors[k].start):
-            info = sf.tensors[k]
-            if ckpt.layout == "mlx":
-                ok = mlx_to_official_key(k)
-                out.append((ok, k, mlx_to_official_shape(ok, info.shape), info.np_dtype,
-                            lambda sf=sf, k=k, ok=ok: mlx_to_official_array(ok, sf.read(k))))
-            else:
-                out.append((k, k, info.shape, info.np_dtype, lambda sf=sf, k=k: sf.read(k)))
-    if ckpt.tower_files is not None:
-        known = {**ckpt.manifest.required, **ckpt.manifest.optional}
-        tf = ckpt.tower_files
-        for k in tf.keys():
-            ok = tower_to_official_key(k)
-            if ok is not None and ok in known:
-                info = tf.info(k)
-                out.append((ok, k, info.shape, info.np_dtype, lambda k=k: tf.read(k)))
+    with np.errstate(over="ignore"):
+        out = a.astype(dtype)
+    if dtype == np.float16 and np.isinf(out).any() and not np.isinf(a).any():
+        _warn(f"{key}: values overflow float16 (became inf); prefer --dtype bfloat16", notes)
     return out
+
+
+def _ensure_chat_template(directory: Path) -> None:
+    """Writes the ChatML template as chat_template.jinja when the tokenizer files carry none."""
+    if (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file():
+        return
+    cfg = directory / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            if json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"):
+                return
+        except ValueError:
+            pass
+    (directory / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
 
 
 def convert_checkpoint(
@@ -65,44 +145,87 @@ def convert_checkpoint(
     dst: str | Path,
     to: str = "mlx",
     dtype: str | None = None,
-    force: bool = False,
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    quantize_experts: bool = QUANTIZE_EXPERTS_DEFAULT,
+    quantize_embeddings: bool = True,
     vision_tower: str | Path | None = None,
+    force: bool = False,
     max_shard_bytes: int = 5 * 1024**3,
     progress: Callable[[int], None] | None = None,
-) -> Path:
-    """Converts a Parrot directory (either layout) to `to` ('mlx' or 'hf' = official layout).
+    on_start: Callable[[Source], None] | None = None,
+) -> ConversionResult:
+    """Converts a Parrot model (official or MLX directory, or a hub id) to `to`: "mlx" or "hf" (official).
 
-    dtype: float32 / float16 / bfloat16; None keeps each tensor's stored dtype.
-    progress: called with the number of source bytes just processed.
+    dtype: float32 / float16 / bfloat16 for the float tensors; None keeps each tensor's stored dtype.
+    quantize_bits: 4 or 8 (MLX output only), with `group_size` 32/64/128; `quantize_experts` decides
+    the MoE experts and `quantize_embeddings` embed_tokens + lm_head. A quantized source is
+    dequantized (lossy with respect to the original weights; a warning says so).
+    vision_tower: a CLIP directory or id, merged when SRC lacks the tower weights, or supplying the
+    tower config when `mm_vision_tower` does not resolve.
+    progress: called with the source bytes of each tensor once written; on_start: with the opened source.
     """
+    t0 = time.perf_counter()
     if to not in TARGETS:
         raise ParrotError(f"unknown target {to!r}; choose mlx or hf")
     if dtype is not None and dtype not in DTYPES:
         raise ParrotError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ckpt = Checkpoint.open(src, vision_tower)
-    if ckpt.quantized:
-        raise ParrotError(f"{src}: quantized weights; this conversion handles float models only")
-    target_dtype = NAME_TO_NP[dtype] if dtype else None
-    sources = _sources(ckpt)
-    plan = []
-    for ok, _, shape, sdt, _ in sources:
-        out_dt = target_dtype if target_dtype is not None and sdt in _FLOATS else sdt
-        key, shp = (official_to_mlx_key(ok), official_to_mlx_shape(ok, shape)) if to == "mlx" else (ok, shape)
-        plan.append(TensorSpec(key, np.dtype(out_dt), tuple(shp)))
-    cfg = ckpt.config
-    cfg.vision_config = ckpt.tower.config
-    if dtype:
-        cfg.torch_dtype = dtype
+    spec = None
+    if quantize_bits is not None:
+        if to != "mlx":
+            raise ParrotError("--quantize writes MLX weights; use it with --to mlx")
+        spec = QuantSpec(int(quantize_bits), int(group_size), quantize_experts, quantize_embeddings)
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise ParrotError(f"{dst}: already exists; pass --force to replace it")
+    src_path = resolve_model_path(src)
+    if dst.resolve() == src_path.resolve():
+        raise ParrotError(f"{dst}: the destination is the source directory; choose another DST")
+    tower_arg = _tower_argument(vision_tower, src_path)
+    source = open_source(src_path, tower_arg)
+    Tokenizer.from_dir(source.path)  # missing or broken tokenizer files fail before any weight is written
+    notes: list[str] = []
+    if source.quantization:
+        q = source.quantization
+        _warn(f"{source.path} holds {q.get('bits')}-bit quantized weights: they are dequantized, which does not "
+              "recover the original weights (quantization is lossy)"
+              + ("; quantizing them again adds a second rounding" if spec else ""), notes)
+    target_dt = NAME_TO_NP[dtype] if dtype else None
+    items, record = _plan(source, to, target_dt, spec)
+    if record is not None and not record["quantized"]:
+        _nothing_quantized(spec, notes)
+        record = None
+    cfg = source.checkpoint.config
+    cfg.vision_config = source.checkpoint.tower.config
+    if vision_tower is not None:  # name the tower that resolved (an id as given, a directory absolute)
+        local = Path(str(vision_tower))
+        cfg.mm_vision_tower = str(local.resolve()) if local.exists() else str(vision_tower)
+    out_dtype = dtype or source.stored_dtype()
+    cfg.torch_dtype = out_dtype if out_dtype in DTYPES else cfg.torch_dtype
+    cfg.quantization = record
+    cfg.extra.pop("quantization_config", None)
+    if on_start:
+        on_start(source)
     with atomic_output_dir(dst, force=force) as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes)
-        for (ok, _, shape, sdt, read), spec in zip(sources, plan):
-            a = _cast(read(), target_dtype)
-            a = official_to_mlx_array(ok, a) if to == "mlx" else a
-            writer.write(spec.key, a)
-            if progress:
-                progress(int(np.prod(shape)) * sdt.itemsize)
-        writer.close()
-        cfg.save(tmp, layout="mlx")  # official readers ignore the extra vision_config
-        ckpt.tower.image.save(tmp)
-        copy_tokenizer_files(ckpt.path, tmp)
-    return Path(dst)
+        writer = ShardedWriter(tmp, [s for it in items for s in it.specs], max_shard_bytes,
+                               metadata={"format": "mlx" if to == "mlx" else "pt"})
+        try:
+            for it in items:
+                a = _cast(it.source.read(), it.dtype, it.source.key, notes)
+                if len(it.specs) == 3:
+                    for s, arr in zip(it.specs, quantize(a, spec)):
+                        writer.write(s.key, arr)
+                else:
+                    writer.write(it.specs[0].key, official_to_mlx_array(it.source.key, a) if to == "mlx" else a)
+                del a
+                if progress:
+                    progress(it.source.nbytes)
+            writer.close()
+            cfg.save(tmp, layout="mlx")  # official readers ignore the extra vision_config
+            source.checkpoint.tower.image.save(tmp)
+            copy_tokenizer_files(source.path, tmp)
+            _ensure_chat_template(tmp)
+        except OSError as e:
+            raise ParrotError(f"{dst}: writing the converted model failed ({e})") from None
+    return ConversionResult(dst, to, out_dtype, record, source.total_bytes(), writer.bytes_written,
+                            time.perf_counter() - t0, notes)

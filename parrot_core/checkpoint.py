@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ class Checkpoint:
                 if ok is not None and ok in manifest.required | manifest.optional:
                     shapes[ok] = s
         validate(shapes, manifest, str(path))
+        if layout == "mlx" and cfg.quantization:
+            check_quantization_record(files, cfg.quantization, path)
         return cls(path, cfg, tower, files, layout, manifest, tower_files)
 
     @property
@@ -104,12 +107,27 @@ def official_shapes(files: CheckpointFiles, layout: str, cfg: ParrotConfig) -> d
         ok = mlx_to_official_key(k)
         base = k[: -len(".weight")] if k.endswith(".weight") else None
         if base is not None and f"{base}.scales" in shapes:
-            bits = q.get("bits")
+            own = q.get(base)  # mlx-lm's per-module override
+            bits = own.get("bits") if isinstance(own, dict) and own.get("bits") else q.get("bits")
             if not bits:
                 raise ParrotError(f"{files.directory}: {k} is quantized but config.json has no quantization entry")
             s = (*s[:-1], s[-1] * 32 // bits)
         out[ok] = mlx_to_official_shape(ok, s)
     return out
+
+
+def check_quantization_record(files: CheckpointFiles, q: dict, source: Path) -> None:
+    """When config.json lists the quantized modules (`parrot convert` does), the weights must agree."""
+    patterns = q.get("quantized")
+    if not isinstance(patterns, list):
+        return
+    have = sorted(k.removesuffix(".scales") for k in files.keys() if k.endswith(".scales"))
+    for m in have:
+        if not any(fnmatch.fnmatchcase(m, p) for p in patterns):
+            raise ParrotError(f"{source}: {m} is stored quantized, but config.json's quantization entry omits it")
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(m, p) for m in have):
+            raise ParrotError(f"{source}: config.json records {p} as quantized but the weights hold no {p}.scales")
 
 
 def _tower_weights(tower: ResolvedTower, model_dir: Path) -> CheckpointFiles:

@@ -54,13 +54,18 @@ def _mlx_weights(ckpt: Checkpoint) -> dict[str, mx.array]:
 
 
 def quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict) -> None:
-    """Quantizes exactly the modules whose `.scales` the weights hold (mlx-lm's convention)."""
+    """Quantizes exactly the modules whose `.scales` the weights hold (mlx-lm's convention), with
+    the model-wide {group_size, bits, mode} or a module's own entry (`quantization[path]`)."""
     gs, bits = quantization["group_size"], quantization["bits"]
     mode = quantization.get("mode", "affine")
-    nn.quantize(
-        model, group_size=gs, bits=bits, mode=mode,
-        class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-    )
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not (hasattr(module, "to_quantized") and f"{path}.scales" in weights):
+            return False
+        own = quantization.get(path)
+        return own if isinstance(own, dict) else True
+
+    nn.quantize(model, group_size=gs, bits=bits, mode=mode, class_predicate=predicate)
 
 
 def load_mlx_model(ckpt: Checkpoint, dtype: str = "float32") -> Model:

@@ -1,0 +1,87 @@
+"""`parrot convert SRC DST`: official <-> MLX layouts, optionally quantized (parrot.convert)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+from parrot.config import DTYPES
+from parrot.errors import ParrotError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", "to", type=click.Choice(["mlx", "hf"]), default="mlx", show_default=True,
+              help="Output layout: mlx, or hf (the official / Hugging Face layout, float).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Float dtype of the output. Default: the source's stored dtype (never downcast silently).")
+@click.option("-q", "--quantize", "bits", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize the LLM's linear layers and embeddings to 4 or 8 bits (MLX affine).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Quantization group size [default: 64].")
+@click.option("--quantize-experts/--no-quantize-experts", default=None,
+              help="Quantize the MoE experts too [default: yes; see docs/benchmarks.md].")
+@click.option("--quantize-embeddings/--no-quantize-embeddings", default=None,
+              help="Quantize embed_tokens and lm_head too [default: yes, as mlx-lm does].")
+@click.option("--vision-tower", default=None, metavar="DIR|ID",
+              help="CLIP tower: merged when SRC lacks its weights; its config when mm_vision_tower doesn't resolve.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
+            quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
+            force: bool) -> None:
+    """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
+
+    \b
+    Examples:
+      parrot convert AIDC-AI/Parrot-7B parrot-7b-mlx --to mlx
+      parrot convert AIDC-AI/Parrot-7B parrot-7b-4bit -q 4
+      parrot convert parrot-7b-mlx parrot-7b-hf --to hf
+    """
+    from parrot.convert import convert_checkpoint
+    from parrot.convert.quantize import QUANTIZE_EXPERTS_DEFAULT
+    from tqdm import tqdm
+
+    if bits is None and (group_size, quantize_experts, quantize_embeddings) != (None, None, None):
+        raise ParrotError("--group-size, --quantize-experts and --quantize-embeddings apply to quantization; "
+                          "add -q 4 or -q 8")
+    bar: list[tqdm] = []
+
+    def start(source) -> None:
+        bar.append(tqdm(total=source.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="converting", dynamic_ncols=True))
+
+    def show(message, *args, **kwargs) -> None:
+        tqdm.write(f"Warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            result = convert_checkpoint(
+                src, dst, to=to, dtype=dtype, quantize_bits=int(bits) if bits else None,
+                group_size=int(group_size or 64),
+                quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
+                quantize_embeddings=quantize_embeddings is not False,
+                vision_tower=vision_tower, force=force, on_start=start,
+                progress=lambda n: bar[0].update(n),
+            )
+        finally:
+            for b in bar:
+                b.close()
+    what = "MLX" if result.target == "mlx" else "official (hf)"
+    q = result.quantization
+    if q:
+        what += f", {q['bits']}-bit (group size {q['group_size']}: {len(q['quantized'])} module kinds quantized"
+        what += f", {len(q['kept_float'])} kept float)" if q["kept_float"] else ")"
+    rate = result.source_bytes / max(result.seconds, 1e-9)
+    click.echo(f"Wrote {result.path} ({what}, {result.dtype}): {_size(result.written_bytes)} from "
+               f"{_size(result.source_bytes)} in {result.seconds:.1f} s ({_size(rate)}/s)")
