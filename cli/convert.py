@@ -6,6 +6,7 @@ import sys
 import warnings
 
 import click
+
 from parrot.config import DTYPES
 from parrot.errors import ParrotError
 
@@ -47,9 +48,10 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
       parrot convert AIDC-AI/Parrot-7B parrot-7b-4bit -q 4
       parrot convert parrot-7b-mlx parrot-7b-hf --to hf
     """
+    from tqdm import tqdm
+
     from parrot.convert import convert_checkpoint
     from parrot.convert.quantize import QUANTIZE_EXPERTS_DEFAULT
-    from tqdm import tqdm
 
     if bits is None and (group_size, quantize_experts, quantize_embeddings) != (None, None, None):
         raise ParrotError("--group-size, --quantize-experts and --quantize-embeddings apply to quantization; "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from parrot.config import DTYPES, KNOWN_VISION_TOWERS
 from parrot.errors import ParrotError
 from parrot.fsutil import atomic_output_dir

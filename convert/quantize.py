@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from parrot.errors import ParrotError
 from parrot.layout import official_to_mlx_key
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from parrot.checkpoint import Checkpoint
 from parrot.errors import ParrotError
 from parrot.layout import (

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from parrot.config import KNOWN_VISION_TOWERS, ParrotConfig
 from parrot.manifest import build_manifest
 from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import random_image, requires_mlx, requires_torch, run_parrot
 from parrot.config import VisionConfig
 from parrot.convert import convert_checkpoint
@@ -168,6 +169,7 @@ def test_hub_id_source_offline_fails_clearly(tmp_path):
 
 def test_hub_id_source_and_tower_are_downloaded_when_online(tmp_path, monkeypatch):
     import huggingface_hub
+
     from parrot.cli.main import main
 
     src = write_tiny_checkpoint(tmp_path / "snapshot", TinySpec(), seed=5, vision_in_checkpoint=False,

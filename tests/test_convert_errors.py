@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from conftest import assert_clean_failure, run_parrot
 from parrot.convert import convert_checkpoint
 from parrot.errors import ParrotError

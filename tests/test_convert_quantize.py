@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import random_image, requires_mlx, requires_torch, run_parrot
 from parrot.convert import convert_checkpoint
 from parrot.errors import ParrotError
@@ -170,6 +171,7 @@ def test_quantized_to_hf_dequantizes_with_a_warning_and_keeps_the_function(model
 @pytest.mark.parametrize("bits", [8, 4])
 def test_every_quantized_variant_loads_with_the_modules_its_config_records(models, tmp_path, bits, group_size):
     import mlx.nn as nn
+
     import parrot
 
     for experts in (True, False):
@@ -210,6 +212,7 @@ def test_mlx_lm_per_module_quantization_entries_are_honoured(models, tmp_path):
     import shutil
 
     import mlx.core as mx
+
     import parrot
     from parrot.safetensors_io import save_tensors
 

@@ -35,7 +35,7 @@ def test_official_mlx_official_is_bit_exact(tmp_path, dtype):
 @requires_torch
 def test_mlx_layout_loads_on_both_backends_with_same_logits(tmp_path):
     src = write_tiny_checkpoint(tmp_path / "src", seed=2)
-    dst = convert_checkpoint(src, tmp_path / "mlx", to="mlx")
+    dst = convert_checkpoint(src, tmp_path / "mlx", to="mlx").path
     ref = parrot.load(src, backend="cpu")
     ids = ref.encode_prompt("What colour is it?", True)
     px = ref.preprocess(random_image(22, 14))
