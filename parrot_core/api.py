@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import numpy as np
 
+from .chat import ChatSession
 from .checkpoint import Checkpoint
 from .config import DTYPES
 from .constants import IMAGE_TOKEN_INDEX
 from .errors import ParrotError
+from .generation import GenerationResult, ImageCache, SamplingParams, TextStream, generate_stream
 from .hub import resolve_model_path
 from .image import preprocess
 from .prompt import build_inference_ids
@@ -32,6 +34,7 @@ class ParrotModel:
         self.image_settings = checkpoint.tower.image
         self.dtype = dtype
         self._tokenizer: Tokenizer | None = None
+        self._images = ImageCache(size=2)  # vision outputs of the last images (generate / stream)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -72,14 +75,56 @@ class ParrotModel:
     def _logits(self, input_ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self, prompt: str, image=None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+        seed: int | None = None, system: str | None = None, history: list[tuple[str, str]] | None = None,
+    ) -> TextStream:
+        """Yields the answer's text pieces as they are produced; `.result` holds the figures once done.
+
+        prompt: the user's message (the ChatML template is applied: system prompt, `<image>\n` first
+        when there is an image, assistant header). image: a path, a PIL image or None (text only).
+        Greedy when temperature is 0, else temperature + top-p sampling seeded by `seed`. Stops at
+        <|im_end|> or after max_tokens. history: earlier (user, assistant) turns.
+        """
+        params = SamplingParams(max_tokens, temperature, top_p, seed)
+        if not isinstance(prompt, str):
+            raise ParrotError(f"prompt must be a string (got {type(prompt).__name__})")
+        ids = self.encode_prompt(prompt, image is not None, system, history)
+        return generate_stream(self, ids, image, params, images=self._images)
+
+    def generate(
+        self, prompt: str, image=None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+        seed: int | None = None, system: str | None = None, history: list[tuple[str, str]] | None = None,
+    ) -> GenerationResult:
+        """The whole answer: `.text`, `.tokens` (new ids, without the stop token) and timing figures."""
+        return self.stream(prompt, image, max_tokens, temperature, top_p, seed, system, history).consume()
+
+    def chat(self, image=None, system: str | None = None) -> ChatSession:
+        """A multi-turn conversation about one image (or none) that reuses its caches between turns."""
+        return ChatSession(self, image, system)
+
+
+def _import_error(*modules: str) -> str | None:
+    """Imports them; None when all load. (A package can be found yet fail to load, e.g. mlx without
+    its CPU/Metal library.)"""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # ImportError, or a broken install raising something else
+            return f"{type(e).__name__}: {e}"
+    return None
+
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ParrotError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "mlx" and importlib.util.find_spec("mlx") is None:
-        raise ParrotError("--backend mlx needs MLX, which is not installed: pip install 'parrot-vlm[mlx]'")
-    if backend in ("cpu", "cuda") and importlib.util.find_spec("torch") is None:
-        raise ParrotError(f"--backend {backend} needs PyTorch, which is not installed: pip install 'parrot-vlm[torch]'")
+    if backend == "mlx" and (err := _import_error("mlx.core", "mlx_lm")):
+        raise ParrotError(f"--backend mlx needs MLX and mlx-lm, which are not installed or fail to import ({err}): "
+                          "pip install 'parrot-vlm[mlx]'")
+    if backend in ("cpu", "cuda") and (err := _import_error("torch", "transformers")):
+        raise ParrotError(f"--backend {backend} needs PyTorch and transformers, which are not installed or fail to "
+                          f"import ({err}): pip install 'parrot-vlm[torch]'")
     if backend == "cuda":
         import torch
 

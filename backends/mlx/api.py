@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
 from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
+from parrot.generation import SamplingParams
 
+from .generate import generate_tokens
 from .loading import MX_DTYPES, load_mlx_model
 
 
@@ -48,9 +52,15 @@ class MLXParrot(ParrotModel):
 
         return make_prompt_cache(self.model.language_model)
 
-    def embed_prompt(self, input_ids: list[int], image_features: mx.array | None) -> mx.array:
+    def expert_outputs(self, image_features: mx.array | None) -> mx.array | None:
+        """The MoE experts' outputs for H_v (they do not depend on the text): cacheable per image."""
+        return None if image_features is None else self.model.expert_outputs(image_features)
+
+    def embed_prompt(
+        self, input_ids: list[int], image_features: mx.array | None, experts: mx.array | None = None
+    ) -> mx.array:
         """[1, T', C] prompt embeddings: the visual tokens computed once, from the prompt's text."""
-        return self.model.splice(input_ids, image_features)
+        return self.model.splice(input_ids, image_features, experts=experts)
 
     def embed_tokens(self, ids: list[int]) -> mx.array:
         return self.model.embed_tokens(mx.array(ids))[None]
@@ -58,3 +68,26 @@ class MLXParrot(ParrotModel):
     def forward_embeddings(self, embeds: mx.array, cache=None) -> mx.array:
         """float32 logits [1, T, V] for embeddings that continue what `cache` holds (None: no cache)."""
         return self.model(embeds, cache=cache).astype(mx.float32)
+
+    def cache_length(self, cache: list) -> int:
+        return cache[0].offset
+
+    def trim_cache(self, cache: list, n: int) -> None:
+        """Drops the last n positions."""
+        if n > 0:
+            for c in cache:
+                c.trim(n)
+
+    # ---------------------------------------------------------------- generation
+    def generate_tokens(self, embeds: mx.array, cache: list, params: SamplingParams) -> Iterator[int]:
+        return generate_tokens(self.model, embeds, cache, params)
+
+    def evaluate(self, *arrays) -> None:
+        mx.eval([a for a in arrays if a is not None])
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def peak_memory(self) -> int:
+        """Bytes since the last reset (mx.get_peak_memory: the CPU and Metal devices alike)."""
+        return mx.get_peak_memory()

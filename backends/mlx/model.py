@@ -158,11 +158,17 @@ class MultilingualMoE(nn.Module):
         a = attn @ text  # [B, 1, C]
         return mx.softmax(self.gate(a), axis=-1, precise=True)[:, 0]
 
-    def __call__(self, text: mx.array, text_mask: mx.array | None, image_features: mx.array) -> mx.array:
+    def expert_outputs(self, image_features: mx.array) -> mx.array:
+        """E_i(H_v) stacked [E, B, N, C]: independent of the text, so cacheable per image."""
+        return mx.stack([e(image_features) for e in self.experts], axis=0)
+
+    def __call__(
+        self, text: mx.array, text_mask: mx.array | None, image_features: mx.array, experts: mx.array | None = None
+    ) -> mx.array:
         if not self.use_moe:
             return image_features
         p = self.routing(text, text_mask, image_features[:, 0])  # [B, E]
-        experts = mx.stack([e(image_features) for e in self.experts], axis=0)  # [E, B, N, C]
+        experts = self.expert_outputs(image_features) if experts is None else experts  # [E, B, N, C]
         out = mx.sum(p.T[:, :, None, None].astype(experts.dtype) * experts, axis=0)
         if self.use_moe_residual:
             out = out + self.moe_weight * image_features
@@ -186,26 +192,35 @@ class Model(nn.Module):
             h = layer(h)
         return h
 
-    def apply_moe(self, text: mx.array, text_mask: mx.array | None, image_features: mx.array) -> mx.array:
+    def apply_moe(
+        self, text: mx.array, text_mask: mx.array | None, image_features: mx.array, experts: mx.array | None = None
+    ) -> mx.array:
         if "moe_model" not in self:
             return image_features
-        return self.moe_model(text, text_mask, image_features)
+        return self.moe_model(text, text_mask, image_features, experts)
+
+    def expert_outputs(self, image_features: mx.array) -> mx.array | None:
+        """The MoE experts' outputs for H_v (None without an active MoE): cacheable per image."""
+        if "moe_model" not in self or not self.moe_model.use_moe:
+            return None
+        return self.moe_model.expert_outputs(image_features)
 
     def embed_tokens(self, ids: mx.array) -> mx.array:
         return self.language_model.model.embed_tokens(ids)
 
     def splice(
-        self, input_ids: list[int], image_features: mx.array | None, text_mask: list[bool] | None = None
+        self, input_ids: list[int], image_features: mx.array | None, text_mask: list[bool] | None = None,
+        experts: mx.array | None = None,
     ) -> mx.array:
         """[1, T', C] input embeddings: the placeholder replaced by MoE(H_v), text context = every text
-        token (or those with text_mask True, for training)."""
+        token (or those with text_mask True, for training). experts: cached `expert_outputs(H_v)`."""
         ids = mx.array([max(i, 0) for i in input_ids])
         tok = self.embed_tokens(ids)[None]  # [1, T, C]
         if IMAGE_TOKEN_INDEX not in input_ids or image_features is None:
             return tok
         p = input_ids.index(IMAGE_TOKEN_INDEX)
         ctx = [i != IMAGE_TOKEN_INDEX and (text_mask is None or text_mask[j]) for j, i in enumerate(input_ids)]
-        visual = self.apply_moe(tok, mx.array(ctx)[None], image_features)
+        visual = self.apply_moe(tok, mx.array(ctx)[None], image_features, experts)
         return mx.concatenate([tok[:, :p], visual.astype(tok.dtype), tok[:, p + 1:]], axis=1)
 
     def __call__(self, inputs_embeds: mx.array, cache=None) -> mx.array:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
 from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
+from parrot.generation import SamplingParams, process_peak_rss
 
+from .generate import generate_tokens
 from .loading import TORCH_DTYPES, load_torch_model
 
 
@@ -72,21 +76,55 @@ class TorchParrot(ParrotModel):
         return None if px is None else self.model.encode_images(px)
 
     @torch.inference_mode()
-    def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
+    def expert_outputs(self, image_features: torch.Tensor | None) -> torch.Tensor | None:
+        """The MoE experts' outputs for H_v (they do not depend on the text): cacheable per image."""
+        return None if image_features is None else self.model.expert_outputs(image_features)
+
+    @torch.inference_mode()
+    def embed_prompt(
+        self, input_ids: list[int], image_features: torch.Tensor | None, experts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[1, T', C] prompt embeddings: the visual tokens computed once, from the prompt's text."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        return self.model.splice(ids, image_features=image_features).inputs_embeds
+        return self.model.splice(ids, image_features=image_features, expert_outputs=experts).inputs_embeds
 
     @torch.inference_mode()
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
         return self.model.model.embed_tokens(torch.tensor([ids], dtype=torch.long, device=self.device))
 
     @torch.inference_mode()
-    def forward_embeddings(self, embeds: torch.Tensor, cache=None) -> torch.Tensor:
-        """float32 logits [1, T, V] for embeddings that continue what `cache` holds (None: no cache)."""
+    def forward_embeddings(self, embeds: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """float32 logits [1, T, V] for embeddings that continue what `cache` holds (None: no cache);
+        last_only: only the last position's [1, 1, V]."""
         offset = cache.get_seq_length() if cache is not None else 0
         T = embeds.shape[1]
         pos = torch.arange(offset, offset + T, device=self.device)[None]
         mask = torch.ones((1, offset + T), dtype=torch.bool, device=self.device)
         h = self.model.decoder(embeds, mask, pos, cache=cache)
-        return self.model.lm_head(h).float()
+        return self.model.lm_head(h[:, -1:] if last_only else h).float()
+
+    def cache_length(self, cache) -> int:
+        return cache.get_seq_length()
+
+    def trim_cache(self, cache, n: int) -> None:
+        """Drops the last n positions."""
+        if n > 0:
+            cache.crop(-n)  # a negative count removes that many (transformers 4.4x and 5.x alike)
+
+    # ---------------------------------------------------------------- generation
+    def generate_tokens(self, embeds: torch.Tensor, cache, params: SamplingParams) -> Iterator[int]:
+        return generate_tokens(self, embeds, cache, params)
+
+    def evaluate(self, *arrays) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int:
+        """Bytes: cuda max_memory_allocated since the last reset; cpu: the process's peak RSS."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return process_peak_rss()

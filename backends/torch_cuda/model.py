@@ -110,11 +110,18 @@ class MultilingualMoE(nn.Module):
         a = torch.matmul(attn, text)  # [B, 1, C]
         return F.softmax(self.gate(a), dim=-1, dtype=cls.dtype)[:, 0]
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def expert_outputs(self, image_features: torch.Tensor) -> torch.Tensor:
+        """E_i(H_v) stacked [E, B, N, C]: independent of the text, so cacheable per image."""
+        return torch.stack([e(image_features) for e in self.experts], dim=0)
+
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image_features: torch.Tensor,
+        experts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if not self.use_moe:
             return image_features
         p = self.routing(text, text_mask, image_features[:, 0])  # [B, E]
-        experts = torch.stack([e(image_features) for e in self.experts], dim=0)  # [E, B, N, C]
+        experts = self.expert_outputs(image_features) if experts is None else experts  # [E, B, N, C]
         out = torch.sum(p.t()[:, :, None, None] * experts, dim=0)
         if self.use_moe_residual:
             out = out + self.moe_weight * image_features
@@ -156,10 +163,18 @@ class ParrotForCausalLM(nn.Module):
         proj = self.model.mm_projector
         return proj(feats.to(proj[0].weight.dtype))
 
-    def apply_moe(self, text: torch.Tensor, text_mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def apply_moe(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image_features: torch.Tensor,
+        experts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.model.moe_model is None:
             return image_features
-        return self.model.moe_model(text, text_mask, image_features)
+        return self.model.moe_model(text, text_mask, image_features, experts)
+
+    def expert_outputs(self, image_features: torch.Tensor) -> torch.Tensor | None:
+        """The MoE experts' outputs for H_v (None without an active MoE): cacheable per image."""
+        moe = self.model.moe_model
+        return None if moe is None or not moe.use_moe else moe.expert_outputs(image_features)
 
     # ------------------------------------------------------------ splice
     def splice(
@@ -170,12 +185,14 @@ class ParrotForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         max_length: int | None = None,
         padding_side: str = "right",
+        expert_outputs: torch.Tensor | None = None,
     ) -> Spliced:
         """Replaces each row's image placeholder by its visual tokens, vectorized over the batch.
 
         input_ids [B, T] with at most one -200 per row; image_features [B, N, C] before the MoE (row b
         is used when row b has a placeholder). The MoE's text context is every valid text token whose
         label is ignored (all of them at inference). Truncation to max_length happens after splicing.
+        expert_outputs: cached `expert_outputs(image_features)` (generation reuses them across turns).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -188,7 +205,7 @@ class ParrotForCausalLM(nn.Module):
             ctx = valid & ~is_img
             if labels is not None:
                 ctx = ctx & (labels == IGNORE_INDEX)
-            visual = self.apply_moe(tok, ctx, image_features)
+            visual = self.apply_moe(tok, ctx, image_features, expert_outputs)
         N = 0 if visual is None else visual.shape[1]
         width = torch.where(is_img, N, 1) * valid
         start = width.cumsum(1) - width

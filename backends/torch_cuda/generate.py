@@ -1,0 +1,60 @@
+"""Decoding with the KV cache on the torch backend (cpu, cuda): samplers and the token loop.
+
+The loop issues step n+1 before it reads token n back to the host (`.item()`), so on a GPU the
+next forward is queued while Python handles the current token (mlx-lm's generate_step order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from parrot.generation import SamplingParams
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keeps the smallest set of most likely tokens whose probabilities sum to >= top_p (ties at its
+    edge kept); the others get -inf. logits [B, V] float32."""
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    inside = torch.where(mass_before < top_p, sorted_probs, torch.full_like(sorted_probs, float("inf")))
+    threshold = inside.min(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+class Sampler:
+    """Greedy argmax when temperature is 0; else temperature + top-p sampling from a seeded generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [1, V] float32 -> token [1] (stays on the device)."""
+        if self.params.greedy:
+            return logits.argmax(dim=-1)
+        logits = logits / self.params.temperature
+        if self.params.top_p < 1:
+            logits = top_p_filter(logits, self.params.top_p)
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator)[:, 0]
+
+
+@torch.inference_mode()
+def generate_tokens(model, embeds: torch.Tensor, cache, params: SamplingParams) -> Iterator[int]:
+    """Prefills `embeds` [1, T, C] after what `cache` holds, then yields up to max_tokens token ids.
+
+    `model` is a TorchParrot. Each token is fed back into the cache before it is yielded (so after
+    the caller stops at <|im_end|>, the cache holds it too).
+    """
+    sampler = Sampler(params, model.device)
+    y = sampler(model.forward_embeddings(embeds, cache, last_only=True)[:, -1])
+    for n in range(params.max_tokens):
+        nxt = None
+        if n + 1 < params.max_tokens:
+            emb = model.model.model.embed_tokens(y[None])
+            nxt = sampler(model.forward_embeddings(emb, cache, last_only=True)[:, -1])
+        yield int(y.item())
+        y = nxt

@@ -1,0 +1,85 @@
+"""`parrot chat`: answer about an image once (--prompt), or an interactive multi-turn session."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from parrot.config import DTYPES
+from parrot.errors import ParrotError
+
+DEFAULT_MODEL = "AIDC-AI/Parrot-7B"
+
+
+def default_backend() -> str:
+    """mlx on Apple silicon (when installed), else cuda when a GPU is visible, else cpu."""
+    import importlib.util
+    import platform
+
+    if sys.platform == "darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx"):
+        return "mlx"
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "mlx"
+
+
+def _utf8_streams() -> None:
+    """Never die on a console that cannot show a character: replace it instead."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("image", required=False)
+@click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
+              help="Model directory (official or MLX layout) or a hub id.")
+@click.option("--backend", type=click.Choice(["mlx", "cpu", "cuda"]), default=None,
+              help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
+@click.option("--prompt", "-p", default=None, help="Answer this once and exit (otherwise: interactive chat).")
+@click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible answers).")
+@click.option("--system", default=None, help='System prompt (default "You are a helpful assistant.").')
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
+@click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
+@click.option("--verbose", "-v", is_flag=True, help="Print speed and memory figures after each answer (stderr).")
+def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, system, dtype, vision_tower, verbose):
+    """Chat with Parrot about IMAGE (optional: without it the chat is text only).
+
+    Interactive commands: /image PATH switches image (a new conversation), /clear forgets the
+    conversation, /exit or Ctrl-D quits.
+    """
+    import parrot
+    from parrot.chat import HELP, ChatSession, run_repl
+    from parrot.generation import SamplingParams
+    from parrot.image import open_image
+
+    _utf8_streams()
+    sampling = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
+    SamplingParams(**sampling)  # bad values fail before the model loads
+    picture = open_image(image) if image is not None else None  # so does a bad image
+    backend = backend or default_backend()
+    click.echo(f"Loading {model_path} ({backend})...", err=True)
+    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower)
+    session = ChatSession(model, picture, system)
+    if prompt is not None:
+        stream = session.ask(prompt, **sampling)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if verbose:
+            click.echo(stream.result.summary(), err=True)
+        return
+    what = f"image {image}" if image is not None else "no image (text only)"
+    click.echo(f"Chatting about {what}. {HELP}", err=True)
+    run_repl(session, sampling, verbose=verbose)
+
+
+__all__ = ["chat", "ParrotError"]

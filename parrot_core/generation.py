@@ -1,0 +1,296 @@
+"""Generation, backend-agnostic: sampling settings, the result, the text stream, KV-cache reuse.
+
+A backend supplies the array work (ParrotModel's incremental methods: `image_features`,
+`expert_outputs`, `embed_prompt`, `new_cache`, `cache_length`, `trim_cache`, `generate_tokens`,
+`peak_memory`); `generate_stream` here orders it:
+
+  image -> CLIP + projector (+ the MoE experts' outputs, which do not depend on the text): once
+  per image, cached by pixel hash
+  prompt ids -> embeddings; the visual tokens MoE(H_v) are computed once, from the prompt's text
+  reuse the KV cache for the longest prefix the previous call left in it, prefill the rest
+  decode with the KV cache until <|im_end|> or max_tokens, detokenizing as tokens arrive
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .constants import IMAGE_TOKEN_INDEX
+from .detokenizer import StreamingDetokenizer
+from .errors import ParrotError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """max_tokens >= 1; temperature 0 is greedy; top_p in (0, 1] (1: no nucleus filter); seed for sampling."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ParrotError(f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ParrotError(f"temperature must be a finite number >= 0; 0 means greedy (got {self.temperature!r})")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ParrotError(f"top_p must be in (0, 1]; 1 keeps every token (got {self.top_p!r})")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ParrotError(f"seed must be a non-negative integer (got {self.seed!r})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_seed(self) -> SamplingParams:
+        """A concrete seed (drawn at random when None) so every sampled answer can be reproduced."""
+        if self.seed is not None or self.greedy:
+            return self
+        return SamplingParams(self.max_tokens, self.temperature, self.top_p, random.SystemRandom().getrandbits(31))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def process_peak_rss() -> int:
+    """This process's peak resident memory in bytes (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+
+
+@dataclass
+class GenerationResult:
+    """One answer and its figures. Times in seconds, memory in GB (1e9 bytes)."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)  # generated ids, without the stop token
+    finish_reason: str | None = None  # "stop" (<|im_end|>), "length" (max_tokens); None if interrupted
+    prompt_tokens: int = 0  # prompt length with the visual tokens spliced in
+    prefill_tokens: int = 0  # positions computed this call (the rest came from the KV cache)
+    prompt_tps: float = 0.0  # prefill_tokens / prefill time (after vision, up to the first token)
+    generation_tokens: int = 0  # decode steps after the first token (the stop token included)
+    generation_tps: float = 0.0  # generation_tokens / time from the first token to the last
+    time_to_first_token: float = 0.0  # from the call: image preprocessing + vision + prefill
+    vision_time: float = 0.0  # CLIP + projector + experts (0 when cached or text only)
+    peak_memory: float = 0.0  # GB; MLX: mx.get_peak_memory; cuda: max_memory_allocated; cpu: process peak RSS
+    seed: int | None = None  # the seed sampling used (None when greedy)
+
+    def summary(self) -> str:
+        """mlx-lm's report lines."""
+        return (
+            f"Prompt: {self.prompt_tokens} tokens ({self.prefill_tokens} computed), "
+            f"{self.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {len(self.tokens)} tokens, {self.generation_tps:.3f} tokens-per-sec\n"
+            f"Time to first token: {self.time_to_first_token:.3f} s (vision {self.vision_time:.3f} s)\n"
+            f"Peak memory: {self.peak_memory:.3f} GB"
+        )
+
+
+class TextStream:
+    """Iterates over the answer's text pieces as they are produced; `.result` fills in as it goes
+    and is complete once the stream is exhausted."""
+
+    def __init__(self, pieces: Iterator[str], result: GenerationResult):
+        self._pieces = pieces
+        self.result = result
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stops generating early (the KV cache stays consistent)."""
+        self._pieces.close()
+
+    def consume(self, on_piece: Callable[[str], None] | None = None) -> GenerationResult:
+        for piece in self:
+            if on_piece is not None:
+                on_piece(piece)
+        return self.result
+
+
+# ---------------------------------------------------------------------------------------- images
+@dataclass
+class ImageEncoding:
+    """CLIP + projector output H_v and the MoE experts' outputs (backend arrays), for one image."""
+
+    key: str
+    features: Any
+    experts: Any
+
+
+def pixel_key(pixels: np.ndarray) -> str:
+    a = np.ascontiguousarray(pixels, dtype=np.float32)
+    return hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest()
+
+
+class ImageCache:
+    """A few recent ImageEncodings by pixel hash, so an image's vision work is done once."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._items: OrderedDict[str, ImageEncoding] = OrderedDict()
+
+    def get(self, model, pixels: np.ndarray) -> tuple[ImageEncoding, bool]:
+        """(encoding, computed now?)"""
+        key = pixel_key(pixels)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key], False
+        feats = model.image_features(pixels)
+        enc = ImageEncoding(key, feats, model.expert_outputs(feats))
+        model.evaluate(enc.features, enc.experts)
+        self._items[key] = enc
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return enc, True
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+# ---------------------------------------------------------------------------------------- KV reuse
+class KVState:
+    """A backend KV cache and what each of its positions holds: a token id, or (visual key, j) for
+    the j-th visual token, the visual key naming the image and the text its MoE attended to."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = model.new_cache()
+        self.items: list = []
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
+        self.items = []
+
+    def reuse(self, items: list) -> int:
+        """Trims the cache to the longest prefix it shares with `items` (leaving >= 1 position to
+        compute, for the logits); returns the number of positions kept."""
+        n = 0
+        limit = min(len(self.items), len(items) - 1)
+        while n < limit and self.items[n] == items[n]:
+            n += 1
+        if n == 0 or self.model.cache_length(self.cache) != len(self.items):
+            self.reset()
+            return 0
+        self.model.trim_cache(self.cache, len(self.items) - n)
+        self.items = self.items[:n]
+        return n
+
+    def commit(self, items: list, generated: list[int]) -> None:
+        """After decoding: the cache holds `items` and the first k generated tokens (k from its length)."""
+        k = self.model.cache_length(self.cache) - len(items)
+        if 0 <= k <= len(generated):
+            self.items = list(items) + list(generated[:k])
+        else:
+            self.reset()
+
+
+def expand_items(input_ids: list[int], enc: ImageEncoding | None, num_visual: int) -> list:
+    """One entry per position of the spliced prompt (see KVState)."""
+    if enc is None or IMAGE_TOKEN_INDEX not in input_ids:
+        return list(input_ids)
+    vkey = (enc.key, tuple(i for i in input_ids if i != IMAGE_TOKEN_INDEX))
+    p = input_ids.index(IMAGE_TOKEN_INDEX)
+    return [*input_ids[:p], *((vkey, j) for j in range(num_visual)), *input_ids[p + 1:]]
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def generate_stream(
+    model,
+    input_ids: list[int],
+    image=None,
+    params: SamplingParams | None = None,
+    kv: KVState | None = None,
+    images: ImageCache | None = None,
+) -> TextStream:
+    """Streams the answer to a prompt (ids with at most one -200) about `image` (path, PIL image,
+    float32 pixels [1, 3, H, W], or None). `kv` carries a KV cache across calls (chat sessions)."""
+    params = (params or SamplingParams()).with_seed()
+    n_img = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
+    if n_img > 1:
+        raise ParrotError("the prompt holds more than one image placeholder; Parrot takes one image per conversation")
+    if n_img == 1 and image is None:
+        raise ParrotError("the prompt holds an image placeholder (<image>) but no image was given")
+    if n_img == 0 and image is not None:
+        raise ParrotError("an image was given but the prompt holds no image placeholder")
+    result = GenerationResult(seed=None if params.greedy else params.seed)
+    return TextStream(_run(model, list(input_ids), image, params, kv, images, result), result)
+
+
+def _run(model, ids, image, params, kv, images, result) -> Iterator[str]:
+    t0 = time.perf_counter()
+    enc = None
+    if image is not None:
+        pixels = image if isinstance(image, np.ndarray) else model.preprocess(image)
+        t_vis = time.perf_counter()
+        enc, computed = (images or ImageCache(1)).get(model, pixels)
+        result.vision_time = time.perf_counter() - t_vis if computed else 0.0
+    embeds = model.embed_prompt(ids, None if enc is None else enc.features, None if enc is None else enc.experts)
+    items = expand_items(ids, enc, model.num_visual_tokens)
+    kv = kv or KVState(model)
+    kept = kv.reuse(items)
+    result.prompt_tokens, result.prefill_tokens = len(items), len(items) - kept
+    model.reset_peak_memory()
+    t_prefill = time.perf_counter()
+    detok = StreamingDetokenizer(model.tokenizer)
+    eos = model.tokenizer.eos_id
+    generated: list[int] = []
+    steps = model.generate_tokens(embeds[:, kept:], kv.cache, params)
+    t_first = t_last = None
+    try:
+        for token in steps:
+            t_last = time.perf_counter()
+            if t_first is None:
+                t_first = t_last
+                result.time_to_first_token = t_first - t0
+                result.prompt_tps = result.prefill_tokens / max(t_first - t_prefill, 1e-9)
+            generated.append(token)
+            if token == eos:
+                result.finish_reason = "stop"
+                break
+            result.tokens.append(token)
+            piece = detok.add(token)
+            if piece:
+                result.text = detok.text
+                yield piece
+            if len(result.tokens) >= params.max_tokens:
+                result.finish_reason = "length"
+                break
+    except GeneratorExit:  # the consumer stopped between two tokens: the cache is consistent
+        steps.close()
+        kv.commit(items, generated)
+        raise
+    except BaseException:  # e.g. Ctrl-C inside a forward: the cache may be half-updated
+        kv.reset()
+        raise
+    finally:
+        if t_first is not None and len(generated) > 1:
+            result.generation_tokens = len(generated) - 1
+            result.generation_tps = result.generation_tokens / max(t_last - t_first, 1e-9)
+        result.peak_memory = model.peak_memory() / 1e9
+        result.text = detok.text
+    steps.close()
+    kv.commit(items, generated)
+    tail = detok.finalize()
+    result.text = detok.text
+    if tail:
+        yield tail
