@@ -120,11 +120,11 @@ def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ParrotError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "mlx" and (err := _import_error("mlx.core", "mlx_lm")):
-        raise ParrotError(f"--backend mlx needs MLX and mlx-lm, which are not installed or fail to import ({err}): "
+        raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
                           "pip install 'parrot-vlm[mlx]'")
     if backend in ("cpu", "cuda") and (err := _import_error("torch", "transformers")):
-        raise ParrotError(f"--backend {backend} needs PyTorch and transformers, which are not installed or fail to "
-                          f"import ({err}): pip install 'parrot-vlm[torch]'")
+        raise ParrotError(f"--backend {backend} needs PyTorch, which is not installed or fails to import ({err}): "
+                          "pip install 'parrot-vlm[torch]'")
     if backend == "cuda":
         import torch
 

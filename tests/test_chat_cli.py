@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import io
 
-import parrot
 import pytest
-from conftest import HAS_TORCH, assert_clean_failure, random_image, requires_mlx, requires_torch, run_parrot
-from parrot.errors import ParrotError
 from PIL import Image
+
+import parrot
+from conftest import (
+    HAS_TORCH,
+    assert_clean_failure,
+    random_image,
+    requires_mlx,
+    requires_torch,
+    run_parrot,
+    without_packages,
+)
+from parrot.errors import ParrotError
 
 BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 Q1, Q2, Q3 = "What is in the picture?", "Describe the image in detail.", "这张图片里有什么？"
-
-BLOCK_MLX = '''
-import sys
-
-class _NoMLX:
-    """Makes `import mlx` fail, as on a machine without MLX."""
-    def find_spec(self, name, path=None, target=None):
-        if name == "mlx" or name.startswith("mlx."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, _NoMLX())
-'''
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
@@ -102,11 +97,10 @@ def test_generate_and_sessions_refuse_bad_images(kind, tiny_ckpt, bad_images):
     assert s.pixels is None  # a refused image changes nothing
 
 
-def test_chat_mlx_backend_without_mlx_installed(tiny_ckpt, images, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCK_MLX)
+def test_chat_mlx_backend_without_mlx_installed(tiny_ckpt, images):
     proc = run_parrot("chat", "--backend", "mlx", "--model", tiny_ckpt, images[0], "--prompt", "hi",
-                      env={"PYTHONPATH": str(tmp_path)})
-    assert_clean_failure(proc, "--backend mlx needs MLX", "not installed", "pip install")
+                      env=without_packages("mlx"))
+    assert_clean_failure(proc, "--backend mlx needs MLX, which is not installed", "pip install")
 
 
 @requires_torch

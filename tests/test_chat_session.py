@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import parrot
 import pytest
+
+import parrot
 from conftest import random_image, requires_mlx, requires_torch
 from parrot.chat import run_repl
 from parrot.constants import IMAGE_TOKEN_INDEX

@@ -6,11 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from tokenizers import AddedToken, decoders, models
+from tokenizers import Tokenizer as HFTokenizer
+
 from parrot.detokenizer import StreamingDetokenizer, bytes_to_unicode
 from parrot.testing import write_tokenizer
 from parrot.tokenizer import Tokenizer
-from tokenizers import AddedToken, decoders, models
-from tokenizers import Tokenizer as HFTokenizer
 
 MULTILINGUAL = {
     "zh": "这张图片里有什么？图片里有一只猫坐在窗台上。",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import parrot
 import pytest
+
+import parrot
 from conftest import HAS_MLX, random_image, requires_mlx, requires_torch
 from parrot.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import write_tiny_checkpoint

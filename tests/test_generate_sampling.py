@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import parrot
 import pytest
+
+import parrot
 from conftest import requires_mlx, requires_torch
 from parrot.errors import ParrotError
 from parrot.generation import SamplingParams
@@ -30,6 +31,7 @@ def backend_ops(backend):
     """(top_p_filter on a numpy [1, V] array -> numpy, Sampler(params) on numpy logits -> int)."""
     if backend == "cpu":
         import torch
+
         from parrot.backends.torch_cuda.generate import Sampler, top_p_filter
 
         def filt(x, top_p):
@@ -40,6 +42,7 @@ def backend_ops(backend):
             return lambda x: int(s(torch.from_numpy(x)).item())
     else:
         import mlx.core as mx
+
         from parrot.backends.mlx.generate import Sampler, top_p_filter
 
         def filt(x, top_p):

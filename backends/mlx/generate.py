@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import mlx.core as mx
+
 from parrot.generation import SamplingParams
 
 PREFILL_STEP = 2048

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
 from parrot.generation import SamplingParams
 
 
