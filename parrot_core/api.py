@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint
 from .config import DTYPES
 from .constants import IMAGE_TOKEN_INDEX
 from .errors import ParrotError
-from .generation import GenerationResult, ImageCache, SamplingParams, TextStream, generate_stream
+from .generation import GenerationResult, ImageCache, SamplingParams, TextStream, generate_stream, stop_token_ids
 from .hub import resolve_model_path
 from .image import preprocess
 from .prompt import build_inference_ids
@@ -34,6 +34,7 @@ class ParrotModel:
         self.image_settings = checkpoint.tower.image
         self.dtype = dtype
         self._tokenizer: Tokenizer | None = None
+        self._stop_ids: frozenset[int] | None = None
         self._images = ImageCache(size=2)  # vision outputs of the last images (generate / stream)
 
     @property
@@ -41,6 +42,13 @@ class ParrotModel:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_dir(self.path)
         return self._tokenizer
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end an answer: <|im_end|> (+ generation_config.json's eos_token_id)."""
+        if self._stop_ids is None:
+            self._stop_ids = stop_token_ids(self.path, self.tokenizer)
+        return self._stop_ids
 
     @property
     def num_visual_tokens(self) -> int:

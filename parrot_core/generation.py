@@ -14,6 +14,7 @@ A backend supplies the array work (ParrotModel's incremental methods: `image_fea
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import sys
@@ -21,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,6 +127,22 @@ class TextStream:
             if on_piece is not None:
                 on_piece(piece)
         return self.result
+
+
+def stop_token_ids(model_dir: str | Path, tokenizer) -> frozenset[int]:
+    """<|im_end|>, plus the `eos_token_id`s of generation_config.json when the model ships one (as
+    transformers' and mlx-lm's generate do; Qwen lists <|endoftext|> there too)."""
+    ids = {tokenizer.eos_id}
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise ParrotError(f"{path}: not a valid JSON object ({e}); fix or remove it") from None
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                ids.add(i)
+    return frozenset(ids)
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -252,7 +270,7 @@ def _run(model, ids, image, params, kv, images, result) -> Iterator[str]:
     model.reset_peak_memory()
     t_prefill = time.perf_counter()
     detok = StreamingDetokenizer(model.tokenizer)
-    eos = model.tokenizer.eos_id
+    stop = model.stop_ids
     generated: list[int] = []
     steps = model.generate_tokens(embeds[:, kept:], kv.cache, params)
     t_first = t_last = None
@@ -264,7 +282,7 @@ def _run(model, ids, image, params, kv, images, result) -> Iterator[str]:
                 result.time_to_first_token = t_first - t0
                 result.prompt_tps = result.prefill_tokens / max(t_first - t_prefill, 1e-9)
             generated.append(token)
-            if token == eos:
+            if token in stop:
                 result.finish_reason = "stop"
                 break
             result.tokens.append(token)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -139,3 +142,20 @@ def test_image_can_be_a_path_or_a_pil_image(tiny_ckpt, photo):
     b = m.generate("What is in the picture?", Image.open(photo), max_tokens=6)
     c = m.generate("What is in the picture?", str(photo), max_tokens=6)
     assert a.tokens == b.tokens == c.tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_config_eos_ids_also_stop_answers(backend, tiny_ckpt, photo, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, d)
+    full = parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=16)
+    k = 5
+    stop = full.tokens[k]
+    k = full.tokens.index(stop)
+    eos = parrot.load(d, backend=backend).tokenizer.eos_id
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, stop], "pad_token_id": 0}))
+    r = parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=16)
+    assert r.tokens == full.tokens[:k] and r.finish_reason == "stop"
+    (d / "generation_config.json").write_text("{oops")
+    with pytest.raises(parrot.ParrotError, match="generation_config.json"):
+        parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=2)
