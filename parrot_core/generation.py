@@ -241,7 +241,9 @@ def generate_stream(
     images: ImageCache | None = None,
 ) -> TextStream:
     """Streams the answer to a prompt (ids with at most one -200) about `image` (path, PIL image,
-    float32 pixels [1, 3, H, W], or None). `kv` carries a KV cache across calls (chat sessions)."""
+    float32 pixels [1, 3, H, W], or None). `kv` carries a KV cache across calls (chat sessions).
+    Bad settings and unusable images raise ParrotError here, before the stream starts."""
+    t0 = time.perf_counter()
     params = (params or SamplingParams()).with_seed()
     n_img = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
     if n_img > 1:
@@ -250,15 +252,15 @@ def generate_stream(
         raise ParrotError("the prompt holds an image placeholder (<image>) but no image was given")
     if n_img == 0 and image is not None:
         raise ParrotError("an image was given but the prompt holds no image placeholder")
+    model.reset_peak_memory()
+    pixels = None if image is None else image if isinstance(image, np.ndarray) else model.preprocess(image)
     result = GenerationResult(seed=None if params.greedy else params.seed)
-    return TextStream(_run(model, list(input_ids), image, params, kv, images, result), result)
+    return TextStream(_run(model, list(input_ids), pixels, params, kv, images, result, t0), result)
 
 
-def _run(model, ids, image, params, kv, images, result) -> Iterator[str]:
-    t0 = time.perf_counter()
+def _run(model, ids, pixels, params, kv, images, result, t0) -> Iterator[str]:
     enc = None
-    if image is not None:
-        pixels = image if isinstance(image, np.ndarray) else model.preprocess(image)
+    if pixels is not None:
         t_vis = time.perf_counter()
         enc, computed = (images or ImageCache(1)).get(model, pixels)
         result.vision_time = time.perf_counter() - t_vis if computed else 0.0
@@ -267,7 +269,6 @@ def _run(model, ids, image, params, kv, images, result) -> Iterator[str]:
     kv = kv or KVState(model)
     kept = kv.reuse(items)
     result.prompt_tokens, result.prefill_tokens = len(items), len(items) - kept
-    model.reset_peak_memory()
     t_prefill = time.perf_counter()
     detok = StreamingDetokenizer(model.tokenizer)
     stop = model.stop_ids

@@ -91,6 +91,8 @@ def test_generate_and_sessions_refuse_bad_images(kind, tiny_ckpt, bad_images):
     m = parrot.load(tiny_ckpt, backend=backend)
     with pytest.raises(ParrotError, match=BAD_IMAGE_MESSAGES[kind]):
         m.generate("hi", bad_images[kind], max_tokens=2)
+    with pytest.raises(ParrotError, match=BAD_IMAGE_MESSAGES[kind]):
+        m.stream("hi", bad_images[kind], max_tokens=2)  # at the call, before any iteration
     s = m.chat(None)
     with pytest.raises(ParrotError, match=BAD_IMAGE_MESSAGES[kind]):
         s.set_image(bad_images[kind])
