@@ -7,7 +7,6 @@ import sys
 import click
 
 from parrot.config import DTYPES
-from parrot.errors import ParrotError
 
 DEFAULT_MODEL = "AIDC-AI/Parrot-7B"
 
@@ -26,12 +25,21 @@ def default_backend() -> str:
     return "mlx"
 
 
-def _utf8_streams() -> None:
-    """Never die on a console that cannot show a character: replace it instead."""
-    for stream in (sys.stdout, sys.stderr):
+def _lenient_streams() -> None:
+    """Never die on a console that cannot show (or send) a character: replace it instead."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="replace")
         except (AttributeError, ValueError):
+            pass
+
+
+def _line_editing() -> None:
+    """Arrow keys and history at the >> prompt, when a person types."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (input() uses it once imported)
+        except ImportError:
             pass
 
 
@@ -61,7 +69,7 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
     from parrot.generation import SamplingParams
     from parrot.image import open_image
 
-    _utf8_streams()
+    _lenient_streams()
     sampling = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
     SamplingParams(**sampling)  # bad values fail before the model loads
     picture = open_image(image) if image is not None else None  # so does a bad image
@@ -80,7 +88,6 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
         return
     what = f"image {image}" if image is not None else "no image (text only)"
     click.echo(f"Chatting about {what}. {HELP}", err=True)
+    _line_editing()
     run_repl(session, sampling, verbose=verbose)
 
-
-__all__ = ["chat", "ParrotError"]
