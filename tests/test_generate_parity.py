@@ -159,3 +159,16 @@ def test_generation_config_eos_ids_also_stop_answers(backend, tiny_ckpt, photo, 
     (d / "generation_config.json").write_text("{oops")
     with pytest.raises(parrot.ParrotError, match="generation_config.json"):
         parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=2)
+
+
+@requires_mlx
+def test_mlx_layout_directory_answers_like_the_official_one(eos_prone_ckpt, photo, tmp_path):
+    from parrot.convert.core import convert_checkpoint
+
+    mlx_dir = convert_checkpoint(eos_prone_ckpt, tmp_path / "mlx", to="mlx")
+    official = parrot.load(eos_prone_ckpt, backend="mlx")
+    converted = parrot.load(mlx_dir, backend="mlx")
+    for prompt, img in PROMPTS:
+        image = photo if img else None
+        assert converted.generate(prompt, image, max_tokens=16).tokens == official.generate(
+            prompt, image, max_tokens=16).tokens
