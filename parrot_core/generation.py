@@ -86,8 +86,8 @@ class GenerationResult:
     prompt_tokens: int = 0  # prompt length with the visual tokens spliced in
     prefill_tokens: int = 0  # positions computed this call (the rest came from the KV cache)
     prompt_tps: float = 0.0  # prefill_tokens / prefill time (after vision, up to the first token)
-    generation_tokens: int = 0  # decode steps after the first token (the stop token included)
-    generation_tps: float = 0.0  # generation_tokens / time from the first token to the last
+    generation_tokens: int = 0  # tokens sampled, the stop token included (mlx-lm's count)
+    generation_tps: float = 0.0  # tokens after the first / time from the first token to the last
     time_to_first_token: float = 0.0  # from the call: image preprocessing + vision + prefill
     vision_time: float = 0.0  # CLIP + projector + experts (0 when cached or text only)
     peak_memory: float = 0.0  # GB; MLX: mx.get_peak_memory; cuda: max_memory_allocated; cpu: process peak RSS
@@ -98,7 +98,7 @@ class GenerationResult:
         return (
             f"Prompt: {self.prompt_tokens} tokens ({self.prefill_tokens} computed), "
             f"{self.prompt_tps:.3f} tokens-per-sec\n"
-            f"Generation: {len(self.tokens)} tokens, {self.generation_tps:.3f} tokens-per-sec\n"
+            f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.3f} tokens-per-sec\n"
             f"Time to first token: {self.time_to_first_token:.3f} s (vision {self.vision_time:.3f} s)\n"
             f"Peak memory: {self.peak_memory:.3f} GB"
         )
@@ -302,9 +302,9 @@ def _run(model, ids, pixels, params, kv, images, result, t0) -> Iterator[str]:
         kv.reset()
         raise
     finally:
-        if t_first is not None and len(generated) > 1:
-            result.generation_tokens = len(generated) - 1
-            result.generation_tps = result.generation_tokens / max(t_last - t_first, 1e-9)
+        result.generation_tokens = len(generated)
+        if len(generated) > 1:
+            result.generation_tps = (len(generated) - 1) / max(t_last - t_first, 1e-9)
         result.peak_memory = model.peak_memory() / 1e9
         result.text = detok.text
     steps.close()

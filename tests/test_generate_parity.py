@@ -84,7 +84,7 @@ def test_mlx_greedy_tokens_match_torch_when_answers_stop_early(eos_prone_ckpt, p
     mlx_runs = greedy_runs(parrot.load(eos_prone_ckpt, backend="mlx"), photo)
     assert [r.tokens for r in mlx_runs] == [r.tokens for r in torch_runs]
     stopped = [r for r in torch_runs if r.finish_reason == "stop"]
-    assert stopped and all(len(r.tokens) < 32 for r in stopped)
+    assert stopped and all(len(r.tokens) < 32 and r.generation_tokens == len(r.tokens) + 1 for r in stopped)
     eos = parrot.load(eos_prone_ckpt, backend="cpu").tokenizer.eos_id
     assert all(eos not in r.tokens for r in torch_runs)
 
@@ -126,7 +126,7 @@ def test_generation_figures_are_filled_in(backend, tiny_ckpt, photo):
     r = m.generate("What is in the picture?", photo, max_tokens=8)
     ids = m.encode_prompt("What is in the picture?", True)
     assert r.prompt_tokens == r.prefill_tokens == len(ids) - 1 + m.num_visual_tokens
-    assert r.generation_tokens == len(r.tokens) - 1 == 7
+    assert r.generation_tokens == len(r.tokens) == 8 and r.finish_reason == "length"
     assert r.time_to_first_token > r.vision_time > 0 and r.prompt_tps > 0 and r.generation_tps > 0
     assert r.peak_memory > 0
     again = m.generate("What is in the picture?", photo, max_tokens=8)
