@@ -165,7 +165,7 @@ def test_generation_config_eos_ids_also_stop_answers(backend, tiny_ckpt, photo, 
 def test_mlx_layout_directory_answers_like_the_official_one(eos_prone_ckpt, photo, tmp_path):
     from parrot.convert.core import convert_checkpoint
 
-    mlx_dir = convert_checkpoint(eos_prone_ckpt, tmp_path / "mlx", to="mlx")
+    mlx_dir = convert_checkpoint(eos_prone_ckpt, tmp_path / "mlx", to="mlx").path
     official = parrot.load(eos_prone_ckpt, backend="mlx")
     converted = parrot.load(mlx_dir, backend="mlx")
     for prompt, img in PROMPTS:
