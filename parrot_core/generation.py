@@ -14,7 +14,6 @@ A backend supplies the array work (ParrotModel's incremental methods: `image_fea
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import sys
@@ -130,19 +129,10 @@ class TextStream:
 
 
 def stop_token_ids(model_dir: str | Path, tokenizer) -> frozenset[int]:
-    """<|im_end|>, plus the `eos_token_id`s of generation_config.json when the model ships one (as
-    transformers' and mlx-lm's generate do; Qwen lists <|endoftext|> there too)."""
-    ids = {tokenizer.eos_id}
-    path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
-        try:
-            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (ValueError, UnicodeDecodeError, AttributeError) as e:
-            raise ParrotError(f"{path}: not a valid JSON object ({e}); fix or remove it") from None
-        for i in eos if isinstance(eos, list) else [eos]:
-            if isinstance(i, int) and not isinstance(i, bool):
-                ids.add(i)
-    return frozenset(ids)
+    """<|im_end|> only, as the official runner (it passes `eos_token_id=<|im_end|>` to generate, which
+    overrides generation_config.json: Qwen's lists <|endoftext|> there too, and the official code does
+    not stop at it)."""
+    return frozenset({tokenizer.eos_id})
 
 
 # ---------------------------------------------------------------------------------------- images

@@ -145,20 +145,17 @@ def test_image_can_be_a_path_or_a_pil_image(tiny_ckpt, photo):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_generation_config_eos_ids_also_stop_answers(backend, tiny_ckpt, photo, tmp_path):
+def test_only_im_end_stops_answers_as_in_the_official_runner(backend, tiny_ckpt, photo, tmp_path):
+    """generation_config.json's extra eos ids do not stop an answer: the official runner passes
+    eos_token_id=<|im_end|>, which overrides them."""
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, d)
     full = parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=16)
-    k = 5
-    stop = full.tokens[k]
-    k = full.tokens.index(stop)
+    stop = full.tokens[5]
     eos = parrot.load(d, backend=backend).tokenizer.eos_id
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, stop], "pad_token_id": 0}))
     r = parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=16)
-    assert r.tokens == full.tokens[:k] and r.finish_reason == "stop"
-    (d / "generation_config.json").write_text("{oops")
-    with pytest.raises(parrot.ParrotError, match="generation_config.json"):
-        parrot.load(d, backend=backend).generate(PROMPTS[0][0], photo, max_tokens=2)
+    assert r.tokens == full.tokens
 
 
 @requires_mlx
