@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import click
 from parrot.config import DTYPES
-from parrot.errors import ParrotError
 from parrot.train_config import TRAIN_BACKENDS, TrainConfig
 
 
@@ -60,14 +57,6 @@ def train(stage: str, **flags) -> None:
       parrot train --stage 2 --model runs/s1 --data sft.json --image-dir images/ --output runs/s2
       parrot train --stage 2 --model runs/s1 ... --output runs/s2 --resume     # after an interruption
     """
-    tc = TrainConfig(stage=int(stage), **flags)
-    if tc.backend == "mlx":
-        raise ParrotError("parrot train --backend mlx is not available yet; use --backend cpu or cuda")
-    if tc.deepspeed is not None or tc.fsdp:
-        raise ParrotError("--deepspeed / --fsdp are not supported yet; train in one process without them")
-    if importlib.util.find_spec("torch") is None:
-        raise ParrotError(f"--backend {tc.backend} needs PyTorch, which is not installed: "
-                          "pip install 'parrot-vlm[torch]'")
-    from parrot.backends.torch_cuda.train import train as run_training
+    from parrot.training import train as run_training
 
-    run_training(tc)
+    run_training(TrainConfig(stage=int(stage), **flags))

@@ -39,8 +39,8 @@ class RunDir:
         self.run_config = self.root / "run_config.json"
         self.data_report = self.root / "data_report.json"
 
-    def prepare(self, resume: bool) -> None:
-        """Creates the directory; refuses a non-empty one unless resuming."""
+    def check(self, resume: bool) -> None:
+        """Refuses a non-empty output directory unless resuming."""
         if self.root.exists() and not self.root.is_dir():
             raise ParrotError(f"--output {self.root}: exists and is not a directory")
         if self.root.is_dir() and any(self.root.iterdir()) and not resume:
@@ -48,6 +48,8 @@ class RunDir:
                 f"--output {self.root}: already exists and is not empty. Pass --resume to continue the run in "
                 "it, or choose another --output."
             )
+
+    def create(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- checkpoints

@@ -20,10 +20,10 @@ import torch
 from parrot.hub import is_hub_id
 from parrot.safetensors_io import INDEX_NAME, remove_weight_files
 from parrot.tokenizer import copy_tokenizer_files
+from parrot.train_source import ModelSource
 from safetensors.torch import save_file
 
 from ..loading import TORCH_DTYPES, to_torch
-from .build import ModelSource
 from .strategy import Strategy
 
 

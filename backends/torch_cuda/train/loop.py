@@ -14,47 +14,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from parrot.data import LlavaData
 from parrot.errors import ParrotError
 from parrot.run_dir import STATE_NAME, RunDir, host_rng_state, read_json, set_host_rng_state, write_json
 from parrot.schedule import StepPlan, warmup_steps
-from parrot.tokenizer import Tokenizer
 from parrot.train_config import TrainConfig
+from parrot.training import PreparedRun
 from tqdm import tqdm
 
 from ..loading import TORCH_DTYPES
 from ..model import causal_lm_loss_sum
-from .build import build_model, enable_activation_checkpointing, open_source, set_trainable, trainable_summary
+from .build import build_model, enable_activation_checkpointing, set_trainable, trainable_summary
 from .data import micro_batch_loader
 from .export import export_model
 from .state import load_rng, save_rng
 from .strategy import OptimSpec, SingleProcess, Strategy
 
 
-def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:
-    """Runs (or resumes) a training run; returns the output directory holding the final model.
-
-    stop_after: stop after that many optimizer steps in total, without exporting (a preempted job).
-    """
-    tc = tc.resolved()
+def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool = True) -> Path:
+    """Trains a prepared run (`parrot.training.train` prepares it); returns the output directory."""
+    tc, run, data, tokenizer, src = p.config, p.run, p.data, p.tokenizer, p.source
     device = _device(tc)
     strategy: Strategy = SingleProcess(device, TORCH_DTYPES[tc.dtype])
-    echo = print if strategy.rank == 0 else (lambda *a, **k: None)
-    run = RunDir(tc.output)
-    run.prepare(tc.resume)
-    latest = run.latest_checkpoint() if tc.resume else None
-    if latest is not None:
-        _check_same_run(tc, latest)
-    elif tc.resume:
-        echo(f"--resume: no checkpoint in {run.checkpoints}; starting from step 0")
+    echo = p.echo
 
-    # ---- data and model
+    # ---- model
     _seed_everything(tc.seed)
-    src = open_source(tc)
-    tokenizer = Tokenizer.from_dir(src.tokenizer_dir)
-    data = LlavaData(tc.data, tc.image_dir, tokenizer, src.tower.image, src.config.num_visual_tokens(src.tower.config),
-                     tc.max_length, tc.truncate, progress=progress)
-    echo(data.report.summary())
     plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, strategy.world_size)
     model = build_model(src, device, tc.seed)
     set_trainable(model, tc.stage, tc.use_moe, tc.train_vision)
@@ -67,18 +51,17 @@ def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True)
 
     # ---- resume
     start = 0
-    if latest is not None:
-        strategy.load(latest)
-        state = read_json(latest / STATE_NAME)
+    if p.resume_from is not None:
+        strategy.load(p.resume_from)
+        state = read_json(p.resume_from / STATE_NAME)
         start = state["step"]
         set_host_rng_state(state["host_rng"])
-        load_rng(latest / f"rng-rank{strategy.rank}.safetensors")
-        echo(f"resumed from {latest} (step {start} of {plan.total_steps})")
+        load_rng(p.resume_from / f"rng-rank{strategy.rank}.safetensors")
+        echo(f"resumed from {p.resume_from} (step {start} of {plan.total_steps})")
     run_config = _run_config(tc, plan, optim, src.description, len(data))
     if strategy.rank == 0:
         run.truncate_metrics(start)
         write_json(run.run_config, run_config)
-        write_json(run.data_report, data.report.to_dict())
     echo(f"{plan.total_steps} steps of {plan.global_batch} samples ({tc.batch_size} x {tc.grad_accum} accumulation"
          f" x {strategy.world_size} process(es)), lr {tc.lr:g}, {tc.dtype} on {device}")
 
@@ -140,21 +123,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _device(tc: TrainConfig) -> torch.device:
-    if tc.backend == "mlx":
-        raise ParrotError("parrot train --backend mlx is not available yet; use --backend cpu or cuda")
-    if tc.deepspeed is not None or tc.fsdp:
-        raise ParrotError("--deepspeed / --fsdp sharding is not supported yet; train in one process without them")
     if tc.backend == "cuda" and not torch.cuda.is_available():
         raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu")
     return torch.device(tc.backend)
-
-
-def _check_same_run(tc: TrainConfig, ckpt: Path) -> None:
-    saved = TrainConfig.from_dict(read_json(ckpt / "run_config.json")["config"])
-    diff = tc.trajectory_diff(saved)
-    if diff:
-        raise ParrotError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(diff)}). "
-                          "Resume with the same flags, or start a new run in another --output.")
 
 
 def _run_config(tc: TrainConfig, plan: StepPlan, optim: OptimSpec, source: str, num_samples: int) -> dict:
