@@ -68,6 +68,11 @@ def _check_backend(tc: TrainConfig) -> None:
     if importlib.util.find_spec("torch") is None:
         raise ParrotError(f"--backend {tc.backend} needs PyTorch, which is not installed: "
                           "pip install 'parrot-vlm[torch]'")
+    if tc.backend == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu")
 
 
 def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:

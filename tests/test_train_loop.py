@@ -167,3 +167,33 @@ def test_text_only_batches_still_run_vision_projector_and_moe(tiny_ckpt):
         if ".moe_model." in name or ".mm_projector." in name or ".vision_tower." in name:
             assert not p.grad.any(), name  # in the graph, but the output is not spliced in
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_truncated_samples_train_with_the_label_count_the_data_computed(tmp_path, tiny_ckpt, dataset):
+    """--truncate cuts after the visual tokens; the loop checks the model's label count against the data's."""
+    data_path, image_dir = dataset
+    out = _train(tmp_path, "t", tiny_ckpt, data_path, image_dir, max_steps=2, max_length=100, truncate=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["truncated"] > 0 and len(rows) == 2
+    assert report["kept"] == 8 and max(r["num_tokens"] for r in rows) <= 2 * 100
+
+
+@pytest.mark.parametrize("stage, no_moe, train_vision, parts", [
+    (1, False, False, {"mm_projector"}),
+    (1, False, True, {"mm_projector", "vision_tower"}),
+    (2, False, False, {"mm_projector", "moe_model", "llm"}),
+    (2, True, False, {"mm_projector", "llm"}),
+])
+def test_trainable_sets_per_stage(tiny_ckpt, stage, no_moe, train_vision, parts):
+    from parrot.backends.torch_cuda.train.build import build_model, set_trainable
+    from parrot.train_source import open_source
+
+    tc = TrainConfig(stage=stage, data="x", output="y", model=str(tiny_ckpt), no_moe=no_moe, train_vision=train_vision)
+    src = open_source(tc)
+    assert src.config.use_moe == (stage == 2 and not no_moe)
+    model = build_model(src, "cpu", seed=0)
+    set_trainable(model, stage, tc.use_moe, train_vision)
+    got = {n.split(".")[1] if n.split(".")[1] in ("mm_projector", "moe_model", "vision_tower") else "llm"
+           for n, p in model.named_parameters() if p.requires_grad}
+    assert got == parts

@@ -80,16 +80,21 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
         micro = [next(batches) for _ in range(micro_per_step[step - start])]
         n_labels = strategy.all_reduce_sum(sum(mb["num_label_tokens"] for mb in micro))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.long, device=device)
         for mb in micro:
             logits, spliced = forward(
                 input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device),
                 pixel_values=mb["pixel_values"].to(device), labels=mb["labels"].to(device), max_length=tc.max_length,
             )
-            loss, _ = causal_lm_loss_sum(logits, spliced.labels)
+            loss, n = causal_lm_loss_sum(logits, spliced.labels)
             strategy.backward(loss / n_labels)
             loss_sum += loss.detach()
+            count += n
         lr = strategy.lr()
         grad_norm = strategy.step()
+        if int(count) != sum(mb["num_label_tokens"] for mb in micro):  # the data's count normalized the loss
+            raise RuntimeError(f"step {step + 1}: the model saw {int(count)} label tokens, the data counted "
+                               f"{sum(mb['num_label_tokens'] for mb in micro)}")
         loss = strategy.all_reduce_sum(float(loss_sum)) / n_labels
         dt = time.perf_counter() - t0
         tokens = strategy.all_reduce_sum(sum(mb["num_tokens"] for mb in micro))
