@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .data import LlavaData
 from .errors import ParrotError
 from .run_dir import RunDir, read_json, write_json
+from .schedule import StepPlan
 from .tokenizer import Tokenizer
 from .train_config import TrainConfig
 from .train_source import ModelSource, open_source
@@ -31,6 +32,13 @@ class PreparedRun:
     def echo(self, *args) -> None:
         if self.rank == 0:
             print(*args, flush=True)
+
+    def run_config(self, plan: StepPlan, warmup_steps: int, **extra) -> dict[str, Any]:
+        """The resolved run config written next to the checkpoints: the settings and what they imply."""
+        return {"config": self.config.to_dict(), "derived": {
+            "source": self.source.description, "num_samples": len(self.data), "total_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch, "global_batch": plan.global_batch,
+            "warmup_steps": warmup_steps, "use_moe": self.config.use_moe, **extra}}
 
 
 def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
@@ -83,7 +91,6 @@ def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True)
     """
     _check_backend(tc)
     prepared = prepare_run(tc, progress)
-    runner: Callable
-    from .backends.torch_cuda.train.loop import run_training as runner
+    from .backends.torch_cuda.train.loop import run_training
 
-    return runner(prepared, stop_after=stop_after, progress=progress)
+    return run_training(prepared, stop_after=stop_after, progress=progress)

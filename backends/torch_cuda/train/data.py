@@ -38,5 +38,6 @@ def micro_batch_loader(
         MicroBatches(data, flat, pad_id), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_to_torch, pin_memory=pin_memory, persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(plan.seed),  # worker seeds never draw from the global RNG
     )
     return loader, [len(s) for s in steps]

@@ -58,7 +58,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
         set_host_rng_state(state["host_rng"])
         load_rng(p.resume_from / f"rng-rank{strategy.rank}.safetensors")
         echo(f"resumed from {p.resume_from} (step {start} of {plan.total_steps})")
-    run_config = _run_config(tc, plan, optim, src.description, len(data))
+    run_config = p.run_config(plan, optim.warmup_steps, torch=torch.__version__, device=str(device))
     if strategy.rank == 0:
         run.truncate_metrics(start)
         write_json(run.run_config, run_config)
@@ -131,13 +131,6 @@ def _device(tc: TrainConfig) -> torch.device:
     if tc.backend == "cuda" and not torch.cuda.is_available():
         raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu")
     return torch.device(tc.backend)
-
-
-def _run_config(tc: TrainConfig, plan: StepPlan, optim: OptimSpec, source: str, num_samples: int) -> dict:
-    return {"config": tc.to_dict(), "derived": {
-        "source": source, "num_samples": num_samples, "total_steps": plan.total_steps,
-        "steps_per_epoch": plan.steps_per_epoch, "global_batch": plan.global_batch,
-        "warmup_steps": optim.warmup_steps, "use_moe": tc.use_moe, "torch": torch.__version__}}
 
 
 def _save_checkpoint(run: RunDir, strategy: Strategy, step: int, plan: StepPlan, run_config: dict,
