@@ -144,6 +144,8 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
         ([*base, "--llm", tiny_ckpt, "--vision-tower", tiny_ckpt / "clip-vit-tiny", "--output", tmp_path / "c"],
          ("model_type is 'parrot_qwen2'", "qwen2")),
         ([*base, "--output", tmp_path / "d"], ("--model DIR", "--llm DIR")),
+        ([*base, "--llm", write_tiny_llm(tmp_path / "qwen"), "--vision-tower", "openai/clip-vit-large-patch14-336",
+          "--output", tmp_path / "g"], ("openai/clip-vit-large-patch14-336", "download")),
         ([*base, "--model", tmp_path / "nope", "--output", tmp_path / "e"], ("nope", "not found")),
         ([*base, "--model", tiny_ckpt, "--output", tiny_ckpt], ("already exists", "--resume")),
         (["train", "--backend", "cuda", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output",
