@@ -194,3 +194,39 @@ def spec_variants() -> list[TinySpec]:
                                     num_attention_heads=5, image_size=33, patch_size=11, hidden_act="gelu",
                                     projection_dim=16)),
     ]
+
+
+def write_tiny_clip(directory: str | Path, vision: VisionConfig | None = None, seed: int = 0,
+                    dtype: str = "float32") -> Path:
+    """A CLIP vision tower directory (config.json, preprocessor_config.json, `vision_model.*` weights)."""
+    v = vision or TinySpec().vision
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"], **v.to_dict(),
+                                               "torch_dtype": dtype}, indent=2))
+    ImageSettings.clip_defaults(v.image_size).save(d)
+    cfg = tiny_config(TinySpec(vision=v), 400, str(d), dtype)
+    prefix = "model.vision_tower.vision_tower."
+    w = {k[len(prefix):]: a.astype(NAME_TO_NP[dtype]) for k, a in random_weights(cfg, v, seed).items()
+         if k.startswith(prefix)}
+    save_tensors(w, d)
+    return d
+
+
+def write_tiny_llm(directory: str | Path, spec: TinySpec | None = None, seed: int = 0, dtype: str = "float32") -> Path:
+    """A plain Qwen2 LLM directory (transformers layout: config.json model_type qwen2, weights, tokenizer),
+    for `parrot train --llm`."""
+    spec = spec or TinySpec()
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    n_tok = write_tokenizer(d, spec.vocab_size)
+    cfg = tiny_config(spec, n_tok + spec.extra_vocab, "unused", dtype)
+    qwen = {"architectures": ["Qwen2ForCausalLM"], **cfg.llm_dict(), "hidden_act": "silu", "torch_dtype": dtype,
+            "bos_token_id": None, "eos_token_id": None, "use_cache": True, "use_sliding_window": False,
+            "attention_dropout": 0.0, "initializer_range": 0.02}
+    qwen.pop("rope_scaling")
+    (d / "config.json").write_text(json.dumps(qwen, indent=2))
+    w = {k: a.astype(NAME_TO_NP[dtype]) for k, a in random_weights(cfg, spec.vision, seed).items()
+         if not k.startswith(("model.vision_tower.", "model.mm_projector.", "model.moe_model."))}
+    save_tensors(w, d)
+    return d

@@ -1,0 +1,44 @@
+"""The shared LLaVA data (parrot.data) behind a torch DataLoader: micro-batches are formatted,
+their images decoded and collated in worker processes, in the order the step plan fixes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from parrot.data import LlavaData, collate
+from parrot.schedule import StepPlan
+
+
+class MicroBatches(Dataset):
+    def __init__(self, data: LlavaData, micro_batches: list[list[int]], pad_id: int):
+        self.data, self.micro_batches, self.pad_id = data, micro_batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return collate([self.data.item(j) for j in self.micro_batches[i]], self.pad_id)
+
+
+def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def micro_batch_loader(
+    data: LlavaData, plan: StepPlan, start_step: int, pad_id: int, num_workers: int, rank: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, list[int]]:
+    """Micro-batches of steps start_step.. in order, and how many micro-batches each step has."""
+    steps = [plan.micro_batches(s, rank) for s in range(start_step, plan.total_steps)]
+    flat = [mb for step in steps for mb in step]
+    loader = DataLoader(
+        MicroBatches(data, flat, pad_id), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_to_torch, pin_memory=pin_memory, persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(plan.seed),  # worker seeds never draw from the global RNG
+    )
+    return loader, [len(s) for s in steps]

@@ -1,0 +1,145 @@
+"""How the model is placed, stepped and saved: the only thing that changes between one process,
+DeepSpeed ZeRO and FSDP2. The training loop calls exactly this interface; the model code carries
+no distributed code (torchtitan style).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from parrot.schedule import cosine_lr_factor
+
+from .state import load_optimizer, load_tensors, save_optimizer, save_tensors
+
+
+@dataclass
+class OptimSpec:
+    """AdamW (transformers' adamw_torch defaults) with warmup + cosine, gradient clipping."""
+
+    lr: float
+    weight_decay: float
+    max_grad_norm: float | None
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def lr_lambda(self) -> Callable[[int], float]:
+        return functools.partial(cosine_lr_factor, total_steps=self.total_steps, num_warmup=self.warmup_steps)
+
+
+class Strategy(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, model: nn.Module, optim: OptimSpec) -> Callable[..., Any]:
+        """Places / shards the model, builds optimizer and scheduler; returns the callable forward."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Clips, steps optimizer and scheduler, zeroes the gradients; returns the pre-clip grad norm."""
+
+    def lr(self) -> float: ...
+
+    def save(self, directory: Path) -> None:
+        """Trainable weights, optimizer and scheduler into `directory` (every rank calls it)."""
+
+    def load(self, directory: Path) -> None: ...
+
+    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter, consolidated, by official name (rank 0; other ranks may yield nothing)."""
+
+    def all_reduce_sum(self, value: float) -> float: ...
+
+    def barrier(self) -> None: ...
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters: matrices decay, biases / norms / embeddings' 1-D tensors do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SingleProcess:
+    """One process, one device. With a 16-bit compute dtype, trainable weights stay float32 (master)
+    and the forward runs under autocast; frozen weights are stored in the compute dtype."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str | torch.device, compute_dtype: torch.dtype):
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.model: nn.Module | None = None
+
+    def prepare(self, model: nn.Module, optim: OptimSpec) -> Callable[..., Any]:
+        model.to(self.device)
+        if self.compute_dtype != torch.float32:
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.compute_dtype)
+        model.train()
+        self.model, self.optim = model, optim
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, optim.lr_lambda)
+        return self.forward
+
+    def forward(self, *args, **kwargs):
+        amp = (torch.autocast(self.device.type, dtype=self.compute_dtype)
+               if self.compute_dtype != torch.float32 else contextlib.nullcontext())
+        with amp:
+            return self.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _named_optimizer_params(self) -> list[str]:
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def save(self, directory: Path) -> None:
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        save_tensors(trainable, directory / "model.safetensors")
+        save_optimizer(self.optimizer, self._named_optimizer_params(), self.scheduler.state_dict(), directory)
+
+    def load(self, directory: Path) -> None:
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        load_tensors(trainable, directory / "model.safetensors")
+        sched = load_optimizer(self.optimizer, self._named_optimizer_params(), directory)
+        self.scheduler.load_state_dict(sched)
+
+    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.model.named_parameters():
+            yield name, p.detach()
+
+    def all_reduce_sum(self, value: float) -> float:
+        return value
+
+    def barrier(self) -> None:
+        pass

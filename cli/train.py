@@ -1,0 +1,63 @@
+"""`parrot train`: stage 1 (projector) / stage 2 (projector, MoE, LLM) training."""
+
+from __future__ import annotations
+
+import click
+
+from parrot.config import DTYPES
+from parrot.train_config import TRAIN_BACKENDS, TrainConfig
+
+
+@click.command("train")
+@click.option("--backend", type=click.Choice(TRAIN_BACKENDS), default="cuda", show_default=True,
+              help="cuda or cpu (torch); mlx is not available yet.")
+@click.option("--stage", type=click.Choice(["1", "2"]), required=True,
+              help="1: train the projector (MoE bypassed). 2: projector, MoE and LLM.")
+@click.option("--model", default=None, metavar="DIR", help="Parrot checkpoint to start from (e.g. stage 1's output).")
+@click.option("--llm", default=None, metavar="DIR", help="Or: a plain Qwen2 LLM directory for a new model ...")
+@click.option("--vision-tower", default=None, metavar="DIR|ID",
+              help="... with this CLIP tower (with --model: overrides the checkpoint's tower).")
+@click.option("--data", required=True, metavar="FILE.json", help="LLaVA JSON list of samples.")
+@click.option("--image-dir", default=None, metavar="DIR", help="Folder the samples' images are relative to "
+              "[default: the data file's folder].")
+@click.option("--output", required=True, metavar="DIR", help="Run directory: checkpoints, metrics.jsonl, final model.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-3 stage 1, 2e-5 stage 2].")
+@click.option("--batch-size", type=int, default=None, help="Per-device micro-batch [default: 8 stage 1, 4 stage 2].")
+@click.option("--grad-accum", type=int, default=None, help="Gradient accumulation steps [default: 4].")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs (data is cycled).")
+@click.option("--max-length", type=int, default=2048, show_default=True,
+              help="Longest sample, counting the visual tokens.")
+@click.option("--truncate", is_flag=True, help="Truncate samples longer than --max-length instead of dropping them.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Compute dtype [default: bfloat16 on cuda (float32 master weights), float32 on cpu].")
+@click.option("--save-every", type=int, default=1000, show_default=True,
+              help="Checkpoint every N steps (and at the end).")
+@click.option("--save-total-limit", type=int, default=None, help="Keep only the N newest checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint.")
+@click.option("--train-vision", is_flag=True, help="Unfreeze the vision tower.")
+@click.option("--no-moe", is_flag=True, help="Stage 2 without the MoE (the paper's ablation).")
+@click.option("--num-workers", type=int, default=4, show_default=True, help="Data loader worker processes.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--num-experts", type=int, default=6, show_default=True, help="New model (--llm) only: MoE experts.")
+@click.option("--moe-intermediate-size", type=int, default=4096, show_default=True,
+              help="New model (--llm) only: the experts' intermediate size.")
+@click.option("--deepspeed", default=None, metavar="FILE.json", help="DeepSpeed ZeRO config (not available yet).")
+@click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (not available yet).")
+def train(stage: str, **flags) -> None:
+    """Train Parrot: stage 1 aligns the projector, stage 2 tunes projector, MoE and LLM.
+
+    \b
+    Examples:
+      parrot train --stage 1 --llm Qwen1.5-7B-Chat --vision-tower openai/clip-vit-large-patch14-336 \\
+                   --data pretrain.json --image-dir images/ --output runs/s1
+      parrot train --stage 2 --model runs/s1 --data sft.json --image-dir images/ --output runs/s2
+      parrot train --stage 2 --model runs/s1 ... --output runs/s2 --resume     # after an interruption
+    """
+    from parrot.training import train as run_training
+
+    run_training(TrainConfig(stage=int(stage), **flags))

@@ -1,0 +1,138 @@
+"""The training run's configuration, shared by every backend's trainer (`parrot train`).
+
+`TrainConfig` holds the flags as given; `resolved()` fills the official per-stage defaults
+(stage 1: lr 1e-3, per-device batch 8 x 4 accumulation; stage 2: lr 2e-5, batch 4 x 4; both: 1 epoch,
+cosine with 3% warmup, max length 2048, grad clip 1.0, weight decay 0, gradient checkpointing; bf16
+on CUDA, fp32 elsewhere). The resolved config is written next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .config import DTYPES
+from .errors import ParrotError
+
+TRAIN_BACKENDS = ("cuda", "cpu", "mlx")
+STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"lr": 1e-3, "batch_size": 8, "grad_accum": 4},  # scripts/train/pretrain.sh (x 8 GPUs: global 256)
+    2: {"lr": 2e-5, "batch_size": 4, "grad_accum": 4},  # scripts/train/finetune.sh (x 8 GPUs: global 128)
+}
+# fields that shape the trajectory: a resumed run must use the same values as the checkpoint's run
+TRAJECTORY_FIELDS = (
+    "stage", "model", "llm", "vision_tower", "data", "image_dir", "lr", "batch_size", "grad_accum", "epochs",
+    "max_steps", "max_length", "seed", "dtype", "train_vision", "no_moe", "warmup_ratio", "weight_decay",
+    "max_grad_norm", "truncate", "num_experts", "moe_intermediate_size", "moe_weight",
+)
+
+
+@dataclass
+class TrainConfig:
+    stage: int
+    data: str
+    output: str
+    model: str | None = None  # a Parrot checkpoint (official or MLX layout)
+    llm: str | None = None  # or a plain Qwen2 LLM directory, plus a CLIP vision tower
+    vision_tower: str | None = None
+    image_dir: str | None = None  # default: the data file's directory
+    backend: str = "cpu"
+    lr: float | None = None
+    batch_size: int | None = None  # per device
+    grad_accum: int | None = None
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs; the data is cycled as needed
+    max_length: int = 2048
+    seed: int = 42
+    dtype: str | None = None  # compute dtype; None: bfloat16 on cuda, float32 elsewhere
+    save_every: int = 1000
+    save_total_limit: int | None = None
+    resume: bool = False
+    train_vision: bool = False
+    no_moe: bool = False
+    num_workers: int = 4
+    gradient_checkpointing: bool = True
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    truncate: bool = False  # truncate samples longer than max_length instead of dropping them
+    # only for a new model (--llm): the MoE's size (official: 6 experts, intermediate 4096, weight 0.1)
+    num_experts: int = 6
+    moe_intermediate_size: int = 4096
+    moe_weight: float = 0.1
+    # distributed strategy (multi-GPU issue): None = one process
+    deepspeed: str | None = None
+    fsdp: bool = False
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the per-stage and per-backend defaults filled in, validated."""
+        if self.stage not in STAGE_DEFAULTS:
+            raise ParrotError(f"--stage must be 1 or 2, not {self.stage}")
+        d = STAGE_DEFAULTS[self.stage]
+        out = replace(
+            self,
+            lr=d["lr"] if self.lr is None else self.lr,
+            batch_size=d["batch_size"] if self.batch_size is None else self.batch_size,
+            grad_accum=d["grad_accum"] if self.grad_accum is None else self.grad_accum,
+            dtype=self.dtype or ("bfloat16" if self.backend == "cuda" else "float32"),
+        )
+        for name in ("data", "output", "model", "llm", "vision_tower", "image_dir"):
+            v = getattr(out, name)
+            if v is not None and Path(v).exists():  # absolute, so a resume from elsewhere compares equal
+                setattr(out, name, str(Path(v).resolve()))
+        if out.image_dir is None:
+            out.image_dir = str(Path(out.data).resolve().parent)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.backend not in TRAIN_BACKENDS:
+            raise ParrotError(f"unknown backend {self.backend!r}; choose one of {', '.join(TRAIN_BACKENDS)}")
+        if (self.model is None) == (self.llm is None):
+            raise ParrotError(
+                "give either --model DIR (a Parrot checkpoint, e.g. stage 1's output) or --llm DIR with "
+                "--vision-tower DIR|ID (a new model from a plain Qwen2 LLM and a CLIP tower)"
+            )
+        if self.llm is not None and self.vision_tower is None:
+            raise ParrotError(
+                "--llm needs --vision-tower DIR|ID (the CLIP tower, e.g. openai/clip-vit-large-patch14-336)"
+            )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ParrotError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
+                    "max_length": self.max_length, "save_every": self.save_every, "num_experts": self.num_experts,
+                    "moe_intermediate_size": self.moe_intermediate_size}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        if self.save_total_limit is not None:
+            positive["save_total_limit"] = self.save_total_limit
+        for name, v in positive.items():
+            if v is not None and v < 1:
+                raise ParrotError(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+        if self.lr is not None and self.lr < 0:
+            raise ParrotError(f"--lr must not be negative, not {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ParrotError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.num_workers < 0:
+            raise ParrotError(f"--num-workers must not be negative, not {self.num_workers}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ParrotError(f"--max-grad-norm must be positive, not {self.max_grad_norm}")
+
+    @property
+    def use_moe(self) -> bool:
+        """Stage 1 bypasses the MoE (official `use_moe False`); stage 2 trains it unless --no-moe."""
+        return self.stage == 2 and not self.no_moe
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def trajectory_diff(self, other: TrainConfig) -> list[str]:
+        """The trajectory fields whose values differ (for --resume)."""
+        return [f"{k} {getattr(other, k)!r} -> {getattr(self, k)!r}"
+                for k in TRAJECTORY_FIELDS if getattr(self, k) != getattr(other, k)]

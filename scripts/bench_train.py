@@ -1,0 +1,147 @@
+"""Training throughput on CPU: `parrot train` (stage 2: projector + MoE + LLM, vision frozen) on a
+mid-size random Parrot, against a plain transformers Qwen2ForCausalLM training step on the same
+token batches (same lengths and padding, same optimizer, same gradient checkpointing), measured in
+the same run. The ratio is what the Parrot parts (CLIP tower, projector, MoE, splicing, data
+pipeline) cost on top of training the LLM alone.
+
+    .venv/bin/python scripts/bench_train.py [--steps 8] [--rounds 3] [--batch-size 4] [--hidden 512] [--layers 8]
+
+Rounds alternate the two, so both see the same machine load; best and median step over the rounds
+(the first step of each round, which pays for warm-up, is left out). On a shared machine the best
+step is the stable figure: contention slows single steps several-fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2ForCausalLM
+
+from parrot.checkpoint import Checkpoint
+from parrot.config import VisionConfig
+from parrot.data import LlavaData
+from parrot.schedule import StepPlan
+from parrot.testing import TinySpec, write_tiny_checkpoint
+from parrot.tokenizer import Tokenizer
+from parrot.train_config import TrainConfig
+from parrot.training import train
+
+QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que há na imagem?", "Resimde ne var?"]
+ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "
+
+
+def write_data(root: Path, n: int, seed: int = 0) -> Path:
+    """n samples, 3 in 4 with an image, answers of varied length (so batches carry padding)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        answer = ANSWER * int(rng.integers(1, 6))
+        convs = [{"from": "human", "value": QUESTIONS[i % 4]}, {"from": "gpt", "value": answer}]
+        s = {"id": str(i), "conversations": convs}
+        if i % 4:
+            Image.fromarray((rng.random((96 + i, 128, 3)) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+            s["image"] = f"{i}.png"
+            convs[0]["value"] = "<image>\n" + convs[0]["value"]
+        samples.append(s)
+    (root / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
+    return root / "data.json"
+
+
+def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:
+    """A transformers Qwen2ForCausalLM trained on random tokens shaped like our micro-batches."""
+    from parrot.backends.torch_cuda.model import qwen2_config
+    from parrot.config import ParrotConfig
+    from parrot.tower import resolve_vision_tower
+
+    cfg = ParrotConfig.from_file(model_dir)
+    tower = resolve_vision_tower(cfg, model_dir)
+    data = LlavaData(data_path, data_path.parent / "images", Tokenizer.from_dir(model_dir), tower.image,
+                     cfg.num_visual_tokens(tower.config), tc.max_length)
+    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, max_steps=steps)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(qwen2_config(cfg)).train()
+    from parrot.backends.torch_cuda.train.build import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)  # the same helper the trainer applies (model.model: Qwen2Model)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    rates = []
+    for s in range(steps):
+        t0, tokens = time.perf_counter(), 0
+        for mb in plan.micro_batches(s):
+            lengths = [data.samples[i].length for i in mb]
+            ids = torch.randint(0, cfg.vocab_size, (len(mb), max(lengths)))
+            mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+            out = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
+            out.loss.backward()
+            tokens += sum(lengths)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(tokens / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
+    spec = replace(
+        TinySpec(), hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+        moe_intermediate_size=args.hidden * 2,
+        rope_theta=1e6, moe_weight=0.1, extra_vocab=args.vocab - 384,
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                            image_size=112, patch_size=14, projection_dim=256),
+    )
+    model_dir = write_tiny_checkpoint(root / "model", spec, seed=0)
+    data = write_data(root, n=args.steps * args.batch_size)
+    tc = TrainConfig(stage=2, model=str(model_dir), data=str(data), image_dir=str(root / "images"),
+                     output=str(root / "run0"), backend="cpu", batch_size=args.batch_size, grad_accum=1,
+                     max_steps=args.steps, num_workers=args.num_workers, save_every=10**6)
+    n_params = sum(int(np.prod(s)) for s in Checkpoint.open(model_dir).files.shapes().values())
+    print(f"model: {n_params / 1e6:.1f} M parameters (LLM hidden {args.hidden} x {args.layers} layers, vocab "
+          f"{args.vocab}; CLIP 256 x 6, 65 visual tokens; 6 experts), batch {args.batch_size}, {args.steps} steps")
+    ours, ref, pads = [], [], []
+    for r in range(args.rounds):  # alternate, so both see the same machine load
+        out = root / f"run{r}"
+        train(replace(tc, output=str(out)), progress=False)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        ours += [row["tokens_per_s"] for row in rows[1:]]  # the first step pays for warm-up
+        pads += [row["padding_fraction"] for row in rows]
+        ref += reference_tokens_per_s(model_dir, data, tc, args.steps)[1:]
+    pad = statistics.mean(pads)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print("                                 best step   median step   (tokens/s)")
+    print(f"parrot train (stage 2):          {max(ours):9.0f}   {statistics.median(ours):11.0f}"
+          f"   padding fraction {pad:.3f}, {args.num_workers} loader worker(s)")
+    print(f"transformers Qwen2ForCausalLM:   {max(ref):9.0f}   {statistics.median(ref):11.0f}   same token batches")
+    ratio_median = statistics.median(ours) / statistics.median(ref)
+    print(f"ratio parrot / LLM alone:        {max(ours) / max(ref):9.2f}   {ratio_median:11.2f}")
+
+
+if __name__ == "__main__":
+    main()
