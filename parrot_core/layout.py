@@ -88,6 +88,22 @@ def to_official(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+_CLIP_TOP = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
+def canonical_key(key: str) -> str:
+    """transformers 5 saves a CLIPVisionModel without its `vision_model.` level (`embeddings.*`, and in
+    Parrot checkpoints `model.vision_tower.vision_tower.embeddings.*`); put the level back so both
+    generations of checkpoints read alike."""
+    if key.startswith(OFFICIAL_VISION):
+        rest = key[len(OFFICIAL_VISION):]
+        if rest.startswith(_CLIP_TOP):
+            return OFFICIAL_VISION + "vision_model." + rest
+    elif key.startswith(_CLIP_TOP):
+        return "vision_model." + key
+    return key
+
+
 def tower_to_official_key(key: str) -> str | None:
     """A CLIP checkpoint key (CLIPVisionModel or CLIPModel) -> official Parrot key; None if not vision."""
     if key.startswith("vision_model."):

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import ParrotError
+from .layout import canonical_key
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -109,7 +110,7 @@ class SafetensorsFile:
                     f"{self.path}: truncated safetensors file: tensor {key!r} ends at byte {base + e} but the "
                     f"file has {size} bytes. Download or convert it again."
                 )
-            self.tensors[key] = TensorInfo(dtype, shape, base + b, base + e)
+            self.tensors[canonical_key(key)] = TensorInfo(dtype, shape, base + b, base + e)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -143,6 +144,7 @@ class CheckpointFiles:
                     raise TypeError
             except (ValueError, KeyError, TypeError):
                 raise ParrotError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+            self.weight_map = {canonical_key(k): v for k, v in wm.items()}
             files = [self.directory / name for name in dict.fromkeys(wm.values())]
             for f in files:
                 if not f.is_file():

@@ -172,3 +172,31 @@ def test_bad_inputs_to_logits(tiny_ckpt):
         m.logits([1, 2, 10**6])
     with pytest.raises(ParrotError, match="unknown backend"):
         parrot.load(tiny_ckpt, backend="tpu")
+
+
+@requires_torch
+def test_clip_keys_saved_by_transformers_5_are_accepted(tmp_path):
+    """transformers 5 drops CLIP's `vision_model.` level when saving; both spellings load alike."""
+    ref = write_tiny_checkpoint(tmp_path / "ref", seed=8)
+    d = write_tiny_checkpoint(tmp_path / "t5", seed=8)
+    strip = lambda k: k.replace("vision_tower.vision_tower.vision_model.", "vision_tower.vision_tower.")  # noqa: E731
+    files = CheckpointFiles(d)
+    raw = {strip(k): files.read(k) for k in files.keys()}
+    tower = CheckpointFiles(d / "clip-vit-tiny")
+    tower_raw = {k[len("vision_model."):]: tower.read(k) for k in tower.keys()}
+    for p in list(d.glob("*.safetensors")) + list((d / "clip-vit-tiny").glob("*.safetensors")):
+        p.unlink()
+    save_tensors(raw, d)
+    save_tensors(tower_raw, d / "clip-vit-tiny")
+    import safetensors
+
+    with safetensors.safe_open(d / "model.safetensors", "np") as f:
+        assert "model.vision_tower.vision_tower.embeddings.class_embedding" in f.keys()
+    a, b = parrot.load(ref), parrot.load(d)
+    ids = a.encode_prompt("hi", True)
+    px = a.preprocess(random_image(12, 16))
+    assert np.array_equal(a.logits(ids, px), b.logits(ids, px))
+    # a tower directory in the transformers 5 spelling supplies the weights too
+    (d / "model.safetensors").unlink()
+    save_tensors({k: v for k, v in raw.items() if not k.startswith("model.vision_tower")}, d)
+    assert np.array_equal(a.logits(ids, px), parrot.load(d).logits(ids, px))
