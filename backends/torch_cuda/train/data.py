@@ -3,6 +3,7 @@ their images decoded and collated in worker processes, in the order the step pla
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ def micro_batch_loader(
     """Micro-batches of steps start_step.. in order, and how many micro-batches each step has."""
     steps = [plan.micro_batches(s, rank) for s in range(start_step, plan.total_steps)]
     flat = [mb for step in steps for mb in step]
+    num_workers = min(num_workers, os.cpu_count() or 1)  # more workers than cores only thrash
     loader = DataLoader(
         MicroBatches(data, flat, pad_id), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_to_torch, pin_memory=pin_memory, persistent_workers=False,
