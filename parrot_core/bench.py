@@ -3,8 +3,8 @@
 Each trial answers a synthetic prompt: `prompt_tokens` random text tokens (seeded, no special
 tokens) after the image placeholder, so the model sees the visual tokens plus that text. The
 stop token is ignored, so every trial generates exactly `gen_tokens` tokens (as mlx-lm's
-benchmark). The vision work is redone in every trial (nothing is cached between trials), so the
-time to first token is image preprocessing + CLIP + projector + MoE + prefill.
+benchmark). The image is preprocessed once; the vision work is redone in every trial (nothing is
+cached between trials), so the time to first token is CLIP + projector + MoE + prefill.
 """
 
 from __future__ import annotations

@@ -142,3 +142,21 @@ def test_bench_command_errors_are_clean(tiny_ckpt, tmp_path):
     assert_clean_failure(run_parrot(*base, "--image", tmp_path / "notes.txt"), "not an image")
     assert_clean_failure(run_parrot(*base, "--image", tmp_path / "notes.txt", "--no-image"), "exclude each other")
     assert_clean_failure(run_parrot("bench", "--backend", "cpu"), "Missing option", "--model")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_benchmark_generates_exactly_the_asked_tokens_and_redoes_vision(backend, tiny_ckpt):
+    from parrot.bench import run_benchmark
+
+    model = parrot.load(tiny_ckpt, backend=backend)
+    trials = run_benchmark(model, prompt_tokens=12, gen_tokens=40, num_trials=2, warmup=False)
+    for t in trials:
+        r = t.result
+        assert r.generation_tokens == 40 and r.finish_reason == "length"  # the stop token is ignored
+        assert r.prompt_tokens == r.prefill_tokens == 12 + model.num_visual_tokens
+        assert r.vision_time > 0 and r.time_to_first_token >= r.vision_time  # vision redone in every trial
+        assert t.total_time >= r.time_to_first_token
+    text_only = run_benchmark(model, prompt_tokens=12, gen_tokens=5, image=False, num_trials=1, warmup=False)
+    assert text_only[0].result.prompt_tokens == 12 and text_only[0].result.vision_time == 0
+    batch = run_benchmark(model, prompt_tokens=12, gen_tokens=6, num_trials=1, batch_size=3, warmup=False)
+    assert batch[0].result.generation_tokens == 6 and batch[0].result.generation_tps > 0

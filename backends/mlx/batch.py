@@ -3,7 +3,7 @@
 BatchKVCache keeps each row's left padding: it masks the padding and gives each row its own
 RoPE offset, so a row computes what it would alone. Finished rows are filtered out of the cache.
 The model and its weights are shared with one-by-one generation (nothing is reloaded or compiled
-per request).
+per request). One host sync per step (the rows still running are known before the next step).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import mlx.core as mx
+from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import BatchKVCache
 
 from parrot.generation import SamplingParams
@@ -40,29 +41,30 @@ def generate_tokens_batch(
     samplers = [Sampler(p) for p in params]
     rows = list(range(len(embeds)))
     counts = [0] * len(embeds)
-    with mx.stream(generation_stream):
-        while x.shape[1] > 1:
-            n = min(PREFILL_STEP, x.shape[1] - 1)
-            lm(None, cache=cache, input_embeddings=x[:, :n])
-            mx.eval([c.state for c in cache])
-            x = x[:, n:]
-        y = sample_rows(samplers, rows, lm(None, cache=cache, input_embeddings=x)[:, -1].astype(mx.float32))
-    while True:
-        step, keep = [], []
-        for j, (r, token) in enumerate(zip(rows, y.tolist())):
-            counts[r] += 1
-            step.append((r, token))
-            if token not in stop and counts[r] < params[r].max_tokens:
-                keep.append(j)
-        yield step
-        if not keep:
-            return
+    with wired_limit(model, [generation_stream]):
         with mx.stream(generation_stream):
-            if len(keep) < len(rows):
-                idx = mx.array(keep)
-                for c in cache:
-                    c.filter(idx)
-                y = y[idx]
-                rows = [rows[j] for j in keep]
-            logits = lm(y[:, None], cache=cache)[:, -1].astype(mx.float32)
-            y = sample_rows(samplers, rows, logits)
+            while x.shape[1] > 1:
+                n = min(PREFILL_STEP, x.shape[1] - 1)
+                lm(None, cache=cache, input_embeddings=x[:, :n])
+                mx.eval([c.state for c in cache])
+                x = x[:, n:]
+            y = sample_rows(samplers, rows, lm(None, cache=cache, input_embeddings=x)[:, -1].astype(mx.float32))
+        while True:
+            step, keep = [], []
+            for j, (r, token) in enumerate(zip(rows, y.tolist())):
+                counts[r] += 1
+                step.append((r, token))
+                if token not in stop and counts[r] < params[r].max_tokens:
+                    keep.append(j)
+            yield step
+            if not keep:
+                return
+            with mx.stream(generation_stream):
+                if len(keep) < len(rows):
+                    idx = mx.array(keep)
+                    for c in cache:
+                        c.filter(idx)
+                    y = y[idx]
+                    rows = [rows[j] for j in keep]
+                logits = lm(y[:, None], cache=cache)[:, -1].astype(mx.float32)
+                y = sample_rows(samplers, rows, logits)
