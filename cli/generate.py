@@ -52,6 +52,8 @@ def generate(model_path, backend, input_path, output_path, image_dir, batch_size
     if batch_size < 1:
         raise ParrotError(f"--batch-size must be >= 1 (got {batch_size})")
     rows, _ = read_requests(input_path)  # so does an unreadable input
+    if not rows:
+        raise ParrotError(f"{input_path}: no requests (expected one JSON object per line: id, prompt, image)")
     done = len({r.key for r in rows if r.key is not None} & load_answers(output_path))
     if done == len(rows):
         click.echo(f"All {len(rows)} requests of {input_path} are answered in {output_path}.", err=True)

@@ -223,11 +223,15 @@ def answer_file(
     answered = load_answers(output_path)
     pending = [r for r in rows if r.key not in answered]
     summary = RunSummary(len(rows), len(rows) - len(pending), 0, 0, 0, 0.0, output_path, ignored)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     images, pixels = ImageCache(size=max(2, batch_size)), _Pixels(model, max(2, batch_size))
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(output_path, "a", encoding="utf-8")
+    except OSError as e:
+        raise ParrotError(f"{output_path}: cannot write the answers ({e.strerror})") from None
     bar = _progress_bar(len(pending), progress)
     try:
-        with open(output_path, "a", encoding="utf-8") as out:
+        with out:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
                 for out_row in _answer_chunk(model, chunk, base, defaults, system_default, images, pixels):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import parrot
-from conftest import assert_clean_failure, random_image, requires_mlx, requires_torch, run_parrot
+from conftest import HAS_MLX, assert_clean_failure, random_image, requires_mlx, requires_torch, run_parrot
 
 BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny torch models on a shared 2-core machine
@@ -160,3 +160,37 @@ def test_benchmark_generates_exactly_the_asked_tokens_and_redoes_vision(backend,
     assert text_only[0].result.prompt_tokens == 12 and text_only[0].result.vision_time == 0
     batch = run_benchmark(model, prompt_tokens=12, gen_tokens=6, num_trials=1, batch_size=3, warmup=False)
     assert batch[0].result.generation_tokens == 6 and batch[0].result.generation_tps > 0
+
+
+@requires_mlx
+def test_ctrl_c_keeps_the_answers_and_says_how_to_resume(tiny_ckpt, tmp_path):
+    inp, _ = write_requests(tmp_path, 120)
+    out = tmp_path / "answers.jsonl"
+    args = [sys.executable, "-m", "parrot.cli.main", "generate", "--backend", "mlx", "--model", str(tiny_ckpt),
+            "-i", str(inp), "-o", str(out), "-q"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "run the same command again to continue" in err
+    lines = out.read_text().splitlines()
+    assert 3 <= len(lines) < 120 and out.read_text().endswith("\n")
+    assert [json.loads(line)["id"] for line in lines] == [f"r{i}" for i in range(len(lines))]
+
+
+def test_generate_refuses_an_empty_input_and_an_unwritable_output(tiny_ckpt, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert_clean_failure(run_parrot("generate", "--model", tiny_ckpt, "-i", empty, "-o", tmp_path / "a.jsonl"),
+                         "no requests")
+    inp, _ = write_requests(tmp_path, 1)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run_parrot("generate", "--backend", "mlx" if HAS_MLX else "cpu", "--model", tiny_ckpt, "-i", inp,
+                      "-o", blocker / "answers.jsonl", env=ONE_THREAD)
+    assert_clean_failure(proc, "cannot write the answers")
