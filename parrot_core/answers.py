@@ -285,9 +285,7 @@ def _answer_chunk(model, chunk: list[InputRow], base: Path, defaults: dict, syst
         except ParrotError as e:
             out[row.line] = error_row(row, str(e))
     for (row, _), result in zip(ready, _generate(model, [r for _, r in ready], images)):
-        out[row.line] = result if isinstance(result, dict) else answer_row(row.id, result)
-        if "error" in out[row.line]:
-            out[row.line] = error_row(row, out[row.line]["error"])
+        out[row.line] = error_row(row, result["error"]) if isinstance(result, dict) else answer_row(row.id, result)
     return [out[row.line] for row in chunk]
 
 

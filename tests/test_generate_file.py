@@ -230,3 +230,25 @@ def test_duplicate_ids_and_other_whole_file_problems_raise(model, tmp_path):
         answer_file(model, inp, tmp_path / "out.jsonl", batch_size=0, progress=False)
     with pytest.raises(ParrotError, match="image directory not found"):
         answer_file(model, inp, tmp_path / "out.jsonl", image_dir=tmp_path / "none", progress=False)
+
+
+def test_a_request_failing_inside_a_batch_fails_alone(model, tmp_path, monkeypatch):
+    """A ParrotError raised while a batch runs: its requests are retried one by one, only the bad one fails."""
+    import parrot.answers as answers
+
+    real = answers.generate_batch
+
+    def picky(m, requests, images=None, stop=None):
+        if any(r.prompt == "Hi" for r in requests):
+            raise ParrotError("this prompt is not allowed")
+        return real(m, requests, images, stop)
+
+    monkeypatch.setattr(answers, "generate_batch", picky)
+    inp = write_requests(tmp_path / "in", n=6)  # row r5 asks "Hi"
+    out = tmp_path / "answers.jsonl"
+    s = answer_file(model, inp, out, batch_size=3, progress=False)
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(6)] and (s.answered, s.errors) == (5, 1)
+    assert rows[5] == {"id": "r5", "error": "this prompt is not allowed"}
+    requests = read_rows(inp)
+    assert [r["text"] for r in rows[:5]] == [expected(model, inp.parent, q) for q in requests[:5]]
