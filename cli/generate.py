@@ -31,7 +31,7 @@ from .chat import DEFAULT_MODEL, default_backend
 @click.option("--system", default=None, help='System prompt (default "You are a helpful assistant.").')
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
 @click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(model_path, backend, input_path, output_path, image_dir, batch_size, max_tokens, temp, top_p, seed,
              system, dtype, vision_tower, quiet):
     """Answer every request of --input into --output (JSONL).

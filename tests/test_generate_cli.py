@@ -62,7 +62,7 @@ def test_killed_generate_loses_nothing_and_resumes(tiny_ckpt, tmp_path):
     inp, rows = write_requests(tmp_path, 120)
     out = tmp_path / "answers.jsonl"
     args = [sys.executable, "-m", "parrot.cli.main", "generate", "--backend", "mlx", "--model", str(tiny_ckpt),
-            "-i", str(inp), "-o", str(out), "-q"]
+            "-i", str(inp), "-o", str(out), "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -76,7 +76,7 @@ def test_killed_generate_loses_nothing_and_resumes(tiny_ckpt, tmp_path):
     complete = first[: first.rfind(b"\n") + 1].decode().splitlines()
     assert [json.loads(line)["id"] for line in complete] == [f"r{i}" for i in range(len(complete))]
     out.write_bytes(first + b'{"id": "r119", "te')  # and a torn line, as a crash inside a write leaves
-    again = run_parrot("generate", "--backend", "mlx", "--model", tiny_ckpt, "-i", inp, "-o", out, "-q")
+    again = run_parrot("generate", "--backend", "mlx", "--model", tiny_ckpt, "-i", inp, "-o", out, "--quiet")
     assert again.returncode == 0, again.stderr
     assert f"skipped {len(complete)} (already answered)" in again.stderr
     assert sorted(output_ids(out), key=lambda s: int(s[1:])) == [r["id"] for r in rows]
@@ -167,7 +167,7 @@ def test_ctrl_c_keeps_the_answers_and_says_how_to_resume(tiny_ckpt, tmp_path):
     inp, _ = write_requests(tmp_path, 120)
     out = tmp_path / "answers.jsonl"
     args = [sys.executable, "-m", "parrot.cli.main", "generate", "--backend", "mlx", "--model", str(tiny_ckpt),
-            "-i", str(inp), "-o", str(out), "-q"]
+            "-i", str(inp), "-o", str(out), "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
