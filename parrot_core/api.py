@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .batch import Request, generate_many
 from .chat import ChatSession
 from .checkpoint import Checkpoint
 from .config import DTYPES
@@ -107,6 +109,20 @@ class ParrotModel:
     ) -> GenerationResult:
         """The whole answer: `.text`, `.tokens` (new ids, without the stop token) and timing figures."""
         return self.stream(prompt, image, max_tokens, temperature, top_p, seed, system, history).consume()
+
+    def generate_batch(
+        self, prompts: Sequence[str], images: Sequence | None = None, max_tokens: int = 256,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, system: str | None = None,
+        batch_size: int = 8,
+    ) -> list[GenerationResult]:
+        """Answers of several prompts (`images[i]` goes with `prompts[i]`; None: text only), decoded
+        `batch_size` at a time (batched prefill and decode). Per-request settings: `parrot.batch`."""
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ParrotError(f"got {len(prompts)} prompts but {len(images)} images")
+        params = SamplingParams(max_tokens, temperature, top_p, seed)
+        requests = [Request(p, im, params, system) for p, im in zip(prompts, images)]
+        return list(generate_many(self, requests, batch_size, self._images))
 
     def chat(self, image=None, system: str | None = None) -> ChatSession:
         """A multi-turn conversation about one image (or none) that reuses its caches between turns."""

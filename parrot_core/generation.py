@@ -229,10 +229,12 @@ def generate_stream(
     params: SamplingParams | None = None,
     kv: KVState | None = None,
     images: ImageCache | None = None,
+    stop: frozenset[int] | None = None,
 ) -> TextStream:
     """Streams the answer to a prompt (ids with at most one -200) about `image` (path, PIL image,
     float32 pixels [1, 3, H, W], or None). `kv` carries a KV cache across calls (chat sessions).
-    Bad settings and unusable images raise ParrotError here, before the stream starts."""
+    `stop`: token ids that end the answer (default: the model's; an empty set generates max_tokens,
+    for benchmarks). Bad settings and unusable images raise ParrotError here, before the stream starts."""
     t0 = time.perf_counter()
     params = (params or SamplingParams()).with_seed()
     n_img = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
@@ -245,10 +247,11 @@ def generate_stream(
     model.reset_peak_memory()
     pixels = None if image is None else image if isinstance(image, np.ndarray) else model.preprocess(image)
     result = GenerationResult(seed=None if params.greedy else params.seed)
-    return TextStream(_run(model, list(input_ids), pixels, params, kv, images, result, t0), result)
+    stop = model.stop_ids if stop is None else frozenset(stop)
+    return TextStream(_run(model, list(input_ids), pixels, params, kv, images, stop, result, t0), result)
 
 
-def _run(model, ids, pixels, params, kv, images, result, t0) -> Iterator[str]:
+def _run(model, ids, pixels, params, kv, images, stop, result, t0) -> Iterator[str]:
     enc = None
     if pixels is not None:
         t_vis = time.perf_counter()
@@ -261,7 +264,6 @@ def _run(model, ids, pixels, params, kv, images, result, t0) -> Iterator[str]:
     result.prompt_tokens, result.prefill_tokens = len(items), len(items) - kept
     t_prefill = time.perf_counter()
     detok = StreamingDetokenizer(model.tokenizer)
-    stop = model.stop_ids
     generated: list[int] = []
     steps = model.generate_tokens(embeds[:, kept:], kv.cache, params)
     t_first = t_last = None

@@ -12,6 +12,7 @@ from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
 from parrot.generation import SamplingParams
 
+from .batch import generate_tokens_batch
 from .generate import generate_tokens
 from .loading import MX_DTYPES, load_mlx_model
 
@@ -81,6 +82,12 @@ class MLXParrot(ParrotModel):
     # ---------------------------------------------------------------- generation
     def generate_tokens(self, embeds: mx.array, cache: list, params: SamplingParams) -> Iterator[int]:
         return generate_tokens(self.model, embeds, cache, params)
+
+    def generate_tokens_batch(
+        self, embeds: list[mx.array], params: list[SamplingParams], stop: frozenset[int]
+    ) -> Iterator[list[tuple[int, int]]]:
+        """Several prompts decoded together; per step, (request index, token) of the rows still running."""
+        return generate_tokens_batch(self.model, embeds, params, stop)
 
     def evaluate(self, *arrays) -> None:
         mx.eval([a for a in arrays if a is not None])

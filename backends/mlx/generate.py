@@ -3,6 +3,7 @@
 Prefill runs in chunks whose logits are never computed (only the cache is evaluated); then each
 step builds the graph of token n+1 and starts it with `mx.async_eval` before reading token n
 back (`.item()`), so the device never waits for Python. One host sync per token, on its own stream.
+On Metal, generation runs under mlx-lm's `wired_limit` (weights kept resident), as mlx-lm does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import mlx.core as mx
+from mlx_lm.generate import wired_limit
 
 from parrot.generation import SamplingParams
 
@@ -61,20 +63,21 @@ def generate_tokens(model, embeds: mx.array, cache: list, params: SamplingParams
         logits = lm(tokens, cache=cache, input_embeddings=emb)
         return sampler(logits[:, -1, :].astype(mx.float32))
 
-    with mx.stream(generation_stream):
-        while embeds.shape[1] > 1:
-            n = min(PREFILL_STEP, embeds.shape[1] - 1)
-            lm(None, cache=cache, input_embeddings=embeds[:, :n])
-            mx.eval([c.state for c in cache])
-            embeds = embeds[:, n:]
-        y = step(None, embeds)
-    mx.async_eval(y)
-    for n in range(params.max_tokens):
-        if n + 1 < params.max_tokens:
-            with mx.stream(generation_stream):
-                next_y = step(y[None])
-            mx.async_eval(next_y)
-        yield y.item()
-        if n % 256 == 255:
-            mx.clear_cache()
-        y = next_y if n + 1 < params.max_tokens else None
+    with wired_limit(model, [generation_stream]):
+        with mx.stream(generation_stream):
+            while embeds.shape[1] > 1:
+                n = min(PREFILL_STEP, embeds.shape[1] - 1)
+                lm(None, cache=cache, input_embeddings=embeds[:, :n])
+                mx.eval([c.state for c in cache])
+                embeds = embeds[:, n:]
+            y = step(None, embeds)
+        mx.async_eval(y)
+        for n in range(params.max_tokens):
+            if n + 1 < params.max_tokens:
+                with mx.stream(generation_stream):
+                    next_y = step(y[None])
+                mx.async_eval(next_y)
+            yield y.item()
+            if n % 256 == 255:
+                mx.clear_cache()
+            y = next_y if n + 1 < params.max_tokens else None

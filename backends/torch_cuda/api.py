@@ -11,6 +11,7 @@ from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
 from parrot.generation import SamplingParams, process_peak_rss
 
+from .batch import generate_tokens_batch
 from .generate import generate_tokens
 from .loading import TORCH_DTYPES, load_torch_model
 
@@ -114,6 +115,12 @@ class TorchParrot(ParrotModel):
     # ---------------------------------------------------------------- generation
     def generate_tokens(self, embeds: torch.Tensor, cache, params: SamplingParams) -> Iterator[int]:
         return generate_tokens(self, embeds, cache, params)
+
+    def generate_tokens_batch(
+        self, embeds: list[torch.Tensor], params: list[SamplingParams], stop: frozenset[int]
+    ) -> Iterator[list[tuple[int, int]]]:
+        """Several prompts decoded together; per step, (request index, token) of the rows still running."""
+        return generate_tokens_batch(self, embeds, params, stop)
 
     def evaluate(self, *arrays) -> None:
         if self.device.type == "cuda":

@@ -1,0 +1,70 @@
+"""Batched decoding on MLX with mlx-lm's BatchKVCache: left-padded prefill, rows leave when done.
+
+BatchKVCache keeps each row's left padding: it masks the padding and gives each row its own
+RoPE offset, so a row computes what it would alone. Finished rows are filtered out of the cache.
+The model and its weights are shared with one-by-one generation (nothing is reloaded or compiled
+per request). One host sync per step (the rows still running are known before the next step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import wired_limit
+from mlx_lm.models.cache import BatchKVCache
+
+from parrot.generation import SamplingParams
+
+from .generate import PREFILL_STEP, Sampler, generation_stream
+
+
+def sample_rows(samplers: list[Sampler], rows: list[int], logits: mx.array) -> mx.array:
+    """One token per row of logits [b, V] (row j belongs to request rows[j])."""
+    if all(samplers[r].params.greedy for r in rows):
+        return mx.argmax(logits, axis=-1)
+    return mx.concatenate([samplers[r](logits[j:j + 1]) for j, r in enumerate(rows)])
+
+
+def generate_tokens_batch(
+    model, embeds: list[mx.array], params: list[SamplingParams], stop: frozenset[int]
+) -> Iterator[list[tuple[int, int]]]:
+    """Prefills the prompts `embeds` (each [1, T_i, C]) together, then yields, per decode step, the
+    (request index, token id) of every row still running. `model` is the MLX Parrot `Model`."""
+    lm = model.language_model
+    T = max(e.shape[1] for e in embeds)
+    pads = [T - e.shape[1] for e in embeds]
+    x = mx.concatenate(
+        [mx.concatenate([mx.zeros((1, p, e.shape[2]), e.dtype), e], axis=1) if p else e for e, p in zip(embeds, pads)]
+    )
+    cache = [BatchKVCache(pads) for _ in lm.layers]
+    samplers = [Sampler(p) for p in params]
+    rows = list(range(len(embeds)))
+    counts = [0] * len(embeds)
+    with wired_limit(model, [generation_stream]):
+        with mx.stream(generation_stream):
+            while x.shape[1] > 1:
+                n = min(PREFILL_STEP, x.shape[1] - 1)
+                lm(None, cache=cache, input_embeddings=x[:, :n])
+                mx.eval([c.state for c in cache])
+                x = x[:, n:]
+            y = sample_rows(samplers, rows, lm(None, cache=cache, input_embeddings=x)[:, -1].astype(mx.float32))
+        while True:
+            step, keep = [], []
+            for j, (r, token) in enumerate(zip(rows, y.tolist())):
+                counts[r] += 1
+                step.append((r, token))
+                if token not in stop and counts[r] < params[r].max_tokens:
+                    keep.append(j)
+            yield step
+            if not keep:
+                return
+            with mx.stream(generation_stream):
+                if len(keep) < len(rows):
+                    idx = mx.array(keep)
+                    for c in cache:
+                        c.filter(idx)
+                    y = y[idx]
+                    rows = [rows[j] for j in keep]
+                logits = lm(y[:, None], cache=cache)[:, -1].astype(mx.float32)
+                y = sample_rows(samplers, rows, logits)

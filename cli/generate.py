@@ -1,0 +1,78 @@
+"""`parrot generate`: answer a JSONL file of (image, prompt) requests into a JSONL file, resumably."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from parrot.config import DTYPES
+
+from .chat import DEFAULT_MODEL, default_backend
+
+
+@click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
+              help="Model directory (official or MLX layout) or a hub id.")
+@click.option("--backend", type=click.Choice(["mlx", "cpu", "cuda"]), default=None,
+              help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="Requests, one JSON object per line: id, prompt, optional image and settings.")
+@click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Answers (JSONL), appended row by row; rerun the command to resume.")
+@click.option("--image-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder relative image paths start from [default: the input file's folder].")
+@click.option("--batch-size", "-b", type=int, default=1, show_default=True,
+              help="Requests decoded together (batched prefill and decode).")
+@click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (each answer records the seed it used).")
+@click.option("--system", default=None, help='System prompt (default "You are a helpful assistant.").')
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
+@click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(model_path, backend, input_path, output_path, image_dir, batch_size, max_tokens, temp, top_p, seed,
+             system, dtype, vision_tower, quiet):
+    """Answer every request of --input into --output (JSONL).
+
+    \b
+    Input rows:  {"id": "q1", "image": "cat.jpg", "prompt": "What is in the picture?"}
+    Output rows: {"id": "q1", "text": "...", "finish_reason": "stop", ...} or {"id": ..., "error": "..."}
+    Per-row max_tokens, temperature (or temp), top_p, seed, system override the options.
+    Rerunning skips the ids already answered and retries the rows that failed.
+    """
+    import parrot
+    from parrot.answers import answer_file, load_answers, read_requests
+    from parrot.errors import ParrotError
+    from parrot.generation import SamplingParams
+
+    defaults = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
+    SamplingParams(**defaults)  # bad values fail before the model loads
+    if batch_size < 1:
+        raise ParrotError(f"--batch-size must be >= 1 (got {batch_size})")
+    rows, _ = read_requests(input_path)  # so does an unreadable input
+    if not rows:
+        raise ParrotError(f"{input_path}: no requests (expected one JSON object per line: id, prompt, image)")
+    done = len({r.key for r in rows if r.key is not None} & load_answers(output_path))
+    if done == len(rows):
+        click.echo(f"All {len(rows)} requests of {input_path} are answered in {output_path}.", err=True)
+        return
+    backend = backend or default_backend()
+    click.echo(f"Loading {model_path} ({backend})...", err=True)
+    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower)
+    click.echo(f"{len(rows)} requests, {done} already answered, {len(rows) - done} to do.", err=True)
+    try:
+        s = answer_file(model, input_path, output_path, image_dir, batch_size, {**defaults, "system": system},
+                        progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted. The answers written so far are kept in {output_path}; "
+                   "run the same command again to continue.", err=True)
+        sys.exit(130)
+    if s.ignored_fields:
+        click.echo(f"Note: ignored input fields: {', '.join(s.ignored_fields)}.", err=True)
+    rate = s.generation_tokens / max(s.seconds, 1e-9)
+    click.echo(f"Answered {s.answered}, errors {s.errors}, skipped {s.skipped} (already answered) in "
+               f"{s.seconds:.1f} s ({rate:.1f} tokens/s) -> {s.output}", err=True)
+    if s.errors:
+        click.echo(f"{s.errors} rows have an \"error\" field; fix them and rerun to retry only those.", err=True)
