@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")  # mx.compile JIT-builds C++ on Linux; one test turns it on
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tiny models: one thread each is faster than two threads spin-waiting on a busy 2-core machine, and
+# subprocesses (CLI tests, torchrun workers) inherit it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import importlib.util  # noqa: E402
 
