@@ -1,0 +1,151 @@
+"""`--deepspeed ds_config.json`: DeepSpeed ZeRO (stage 2 or 3) around the unchanged model.
+
+The JSON's "auto" fields are resolved from the run's flags (parrot.ds_config, transformers' rules).
+DeepSpeed gets a torch AdamW and Parrot's warmup + cosine LambdaLR (no fused-Adam build); the loop
+owns the accumulation boundary (a final partial global batch still makes a step) and normalizes the
+loss itself, so DeepSpeed neither divides by the accumulation steps nor averages away the ranks.
+
+Checkpoints are DeepSpeed-native (`engine.save_checkpoint`, tag "deepspeed"): `zero_to_fp32.py`
+(which DeepSpeed copies next to them) and `parrot convert` consolidate them. Resuming with another
+number of processes goes through DeepSpeed's universal checkpoint (`ds_to_universal`), made on the fly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from parrot.ds_config import resolve_ds_config
+from parrot.errors import ParrotError
+
+from .dist import Collectives, init_process_group
+from .strategy import OptimSpec, param_groups
+
+TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"
+
+
+def saved_world_size(directory: Path) -> int:
+    return len(list((directory / TAG).glob("*_optim_states.pt")))
+
+
+class DeepSpeedStrategy(Collectives):
+    name = "deepspeed"
+
+    def __init__(self, device: torch.device, dtype: str, raw_config: dict, batch_size: int, grad_accum: int,
+                 hidden_size: int, resume_from: Path | None = None, echo: Callable[..., None] = print):
+        # DeepSpeed 0.19 calls c10d collectives that torch 2.13 deprecates, once per bucket
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+        init_process_group(device, use_deepspeed=True)
+        self.device = device
+        self.build_device = torch.device("cpu")  # DeepSpeed moves (and under ZeRO-3 partitions) the model
+        self.dtype, self.raw = dtype, raw_config
+        self.batch_size, self.grad_accum, self.hidden_size = batch_size, grad_accum, hidden_size
+        self.resume_from, self.echo = resume_from, echo
+        self.reshard = resume_from is not None and saved_world_size(resume_from) not in (0, self.world_size)
+
+    def prepare(self, model: nn.Module, optim: OptimSpec) -> Callable[..., Any]:
+        import deepspeed
+
+        r = resolve_ds_config(
+            self.raw, batch_size=self.batch_size, grad_accum=self.grad_accum, world_size=self.world_size,
+            lr=optim.lr, weight_decay=optim.weight_decay, max_grad_norm=optim.max_grad_norm, dtype=self.dtype,
+            hidden_size=self.hidden_size, total_steps=optim.total_steps, warmup_steps=optim.warmup_steps,
+        )
+        for note in r.notes:
+            self.echo(f"--deepspeed: {note}")
+        if self.device.type == "cpu" and r.config.get("fp16", {}).get("enabled") is True:
+            raise ParrotError("--deepspeed: fp16 needs CUDA; on CPU train in float32")
+        cfg = {**r.config, "steps_per_print": r.config.get("steps_per_print", 2**31 - 1)}
+        if self.reshard:
+            cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
+        self.resolved, self.stage = cfg, r.stage
+        model.train()
+        optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=r.betas, eps=r.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
+                                               config=cfg, dist_init_required=False)
+        self.model = model
+        return self.forward
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        # DeepSpeed averages gradients over the ranks; the loss is this rank's share of the global sum
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=TAG)
+
+    def load(self, directory: Path) -> None:
+        n = saved_world_size(directory)
+        if n == 0:
+            raise ParrotError(f"{directory}: not a DeepSpeed checkpoint (no {TAG}/*_optim_states.pt); was the run "
+                              "trained with --fsdp or in one process?")
+        if not self.reshard:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
+            if path is None:
+                raise ParrotError(f"{directory}: DeepSpeed could not load this checkpoint")
+            return
+        # another world size: DeepSpeed's universal checkpoint, made next to the checkpoint and removed after
+        work = directory.parent / f".universal-{directory.name}"
+        if self.rank == 0:
+            self.echo(f"{directory}: saved by {n} processes, loading into {self.world_size}: converting to a "
+                      "DeepSpeed universal checkpoint")
+            shutil.rmtree(work, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(directory / TAG), "--output_folder", str(work / UNIVERSAL_TAG), "--inject_missing_state",
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ParrotError(f"{directory}: DeepSpeed's ds_to_universal failed:\n{proc.stderr[-2000:]}")
+        self.barrier()
+        try:
+            path, _ = self.engine.load_checkpoint(str(work), tag=UNIVERSAL_TAG)
+            if path is None:
+                raise ParrotError(f"{directory}: DeepSpeed could not load the universal checkpoint")
+        finally:
+            self.barrier()
+            if self.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)
+
+    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each parameter gathered in turn (every rank takes part); float32 masters for trained ones."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, p in self.model.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None:
+                if self.stage == 3:
+                    with deepspeed.zero.GatheredParameters([p]):
+                        full = p.detach().clone()
+                else:
+                    full = p.detach()
+            if self.rank == 0:
+                yield name, full
+            del full
+
+    def run_config_extra(self) -> dict[str, Any]:
+        return {"deepspeed_config": self.resolved}
+
