@@ -7,14 +7,13 @@ loss itself, so DeepSpeed neither divides by the accumulation steps nor averages
 
 Checkpoints are DeepSpeed-native (`engine.save_checkpoint`, tag "deepspeed"): `zero_to_fp32.py`
 (which DeepSpeed copies next to them) and `parrot convert` consolidate them. Resuming with another
-number of processes goes through DeepSpeed's universal checkpoint (`ds_to_universal`), made on the fly.
+number of processes consolidates each trained parameter (master weights and Adam moments, read with
+parrot.zero_checkpoint) and sets it into the new partitions. (DeepSpeed 0.19's universal checkpoint
+resumes ZeRO-2 exactly but drifted after the first step at ZeRO-3 in our tests, so it is not used.)
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +24,12 @@ from torch import nn
 
 from parrot.ds_config import resolve_ds_config
 from parrot.errors import ParrotError
+from parrot.zero_checkpoint import ZeroCheckpoint
 
 from .dist import Collectives, init_process_group
 from .strategy import OptimSpec, param_groups
 
 TAG = "deepspeed"
-UNIVERSAL_TAG = "universal"
 
 
 def saved_world_size(directory: Path) -> int:
@@ -50,7 +49,6 @@ class DeepSpeedStrategy(Collectives):
         self.dtype, self.raw = dtype, raw_config
         self.batch_size, self.grad_accum, self.hidden_size = batch_size, grad_accum, hidden_size
         self.resume_from, self.echo = resume_from, echo
-        self.reshard = resume_from is not None and saved_world_size(resume_from) not in (0, self.world_size)
 
     def prepare(self, model: nn.Module, optim: OptimSpec) -> Callable[..., Any]:
         import deepspeed
@@ -65,8 +63,6 @@ class DeepSpeedStrategy(Collectives):
         if self.device.type == "cpu" and r.config.get("fp16", {}).get("enabled") is True:
             raise ParrotError("--deepspeed: fp16 needs CUDA; on CPU train in float32")
         cfg = {**r.config, "steps_per_print": r.config.get("steps_per_print", 2**31 - 1)}
-        if self.reshard:
-            cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
         self.resolved, self.stage = cfg, r.stage
         model.train()
         optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=r.betas, eps=r.eps)
@@ -102,32 +98,60 @@ class DeepSpeedStrategy(Collectives):
         if n == 0:
             raise ParrotError(f"{directory}: not a DeepSpeed checkpoint (no {TAG}/*_optim_states.pt); was the run "
                               "trained with --fsdp or in one process?")
-        if not self.reshard:
+        if n == self.world_size:
             path, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
             if path is None:
                 raise ParrotError(f"{directory}: DeepSpeed could not load this checkpoint")
-            return
-        # another world size: DeepSpeed's universal checkpoint, made next to the checkpoint and removed after
-        work = directory.parent / f".universal-{directory.name}"
-        if self.rank == 0:
-            self.echo(f"{directory}: saved by {n} processes, loading into {self.world_size}: converting to a "
-                      "DeepSpeed universal checkpoint")
-            shutil.rmtree(work, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(directory / TAG), "--output_folder", str(work / UNIVERSAL_TAG), "--inject_missing_state",
-                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ParrotError(f"{directory}: DeepSpeed's ds_to_universal failed:\n{proc.stderr[-2000:]}")
-        self.barrier()
-        try:
-            path, _ = self.engine.load_checkpoint(str(work), tag=UNIVERSAL_TAG)
-            if path is None:
-                raise ParrotError(f"{directory}: DeepSpeed could not load the universal checkpoint")
-        finally:
-            self.barrier()
-            if self.rank == 0:
-                shutil.rmtree(work, ignore_errors=True)
+        else:
+            self.echo(f"{directory}: saved by {n} processes, loading into {self.world_size} (consolidate, reshard)")
+            self._load_consolidated(ZeroCheckpoint(directory))
+
+    def _load_consolidated(self, ckpt: ZeroCheckpoint) -> None:
+        """Another world size: each trained parameter's float32 master weights and Adam moments, read whole
+        from the checkpoint (as zero_to_fp32 consolidates them), set into this run's partitions."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in ckpt.trainable]
+        if missing:
+            raise ParrotError(f"{ckpt.directory}: no trained weights for {missing[:3]}; was it saved with other "
+                              "--stage / --train-vision / --no-moe?")
+        step = ckpt.adam_step()
+        self._create_optimizer_state(step)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    continue  # frozen: as built from the source model
+                full = ckpt.read(name).to(self.device)
+                if self.stage == 3:
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        if self.rank == 0:
+                            p.data.copy_(full.to(p.dtype))
+                else:
+                    p.data.copy_(full.to(p.dtype))
+                safe_set_full_fp32_param(p, full)
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, ckpt.read(name, kind).to(self.device), kind)
+        sched = ckpt.lr_scheduler_state()
+        if sched is not None:
+            self.scheduler.load_state_dict(sched)
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr  # the scheduler's state alone leaves the groups at their initial lr
+
+    def _create_optimizer_state(self, step: torch.Tensor) -> None:
+        """Adam's state for each flat float32 partition (DeepSpeed creates it at the first step), so the
+        moments can be set before any step; then DeepSpeed's fragment links for ZeRO-1/2."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        zero = self.engine.optimizer
+        flats = zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
+        for flat in flats:
+            zero.optimizer.state[flat] = {"step": step.clone().float(), "exp_avg": torch.zeros_like(flat),
+                                          "exp_avg_sq": torch.zeros_like(flat)}
+        if self.stage < 3:
+            for lp_group, flat in zip(zero.bit16_groups, flats):
+                lazy_init_hp_params_optimizer_state(lp_group, flat, zero.optimizer.state)
+            zero._hp_optimizer_states_linked = True
 
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Each parameter gathered in turn (every rank takes part); float32 masters for trained ones."""
