@@ -172,13 +172,13 @@ class ZeroCheckpoint:
             if kind != "fp32":
                 raise ParrotError(f"{name} is frozen: it has no optimizer state")
             frags = [m["frozen_param_fragments"][name] for m in self._model]
-            return torch.cat([f.reshape(-1) for f in frags])[:numel].view(e.shape).clone()
+            return torch.cat([f.detach().reshape(-1) for f in frags])[:numel].view(e.shape).clone()
         if self.stage == 3:
             piece = math.ceil(numel / self.world_size)
             parts = [self._stream(r, kind, e.offset, piece) for r in range(self.world_size)]
-            return torch.cat(parts)[:numel].view(e.shape).clone()
+            return torch.cat(parts).detach()[:numel].view(e.shape).clone()
         flat = torch.cat([self._flat(r, kind)[e.group] for r in range(self.world_size)])
-        return flat[e.offset:e.offset + numel].view(e.shape).clone()
+        return flat.detach()[e.offset:e.offset + numel].view(e.shape).clone()
 
     def _stream(self, rank: int, kind: str, start: int, length: int):
         """length elements from `start` of rank's flat groups laid end to end (stage 3)."""
