@@ -50,9 +50,7 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
               help="Shard with DeepSpeed ZeRO: a DeepSpeed config, \"auto\" fields filled from these flags "
               "(configs/zero2.json: stage 1's recipe, configs/zero3.json: stage 2's).")
 @click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (ZeRO-3 equivalent, checkpoints in DCP format).")
-@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
-              help="Set by the deepspeed launcher (LOCAL_RANK is read from the environment).")
-def train(stage: str, local_rank: int | None, **flags) -> None:
+def train(stage: str, **flags) -> None:
     """Train Parrot: stage 1 aligns the projector, stage 2 tunes projector, MoE and LLM.
 
     \b

@@ -39,6 +39,7 @@ ADAM_EPS = 1e-8
 class ResolvedDeepSpeed:
     config: dict[str, Any]  # what deepspeed.initialize gets (no optimizer / scheduler sections)
     stage: int
+    file: dict[str, Any] = field(default_factory=dict)  # the whole file, "auto" resolved (written to the run)
     betas: tuple[float, float] = ADAM_BETAS
     eps: float = ADAM_EPS
     notes: list[str] = field(default_factory=list)
@@ -146,7 +147,7 @@ def resolve_ds_config(
         sec = cfg.get(key)
         if isinstance(sec, dict) and sec.get("enabled") is True and dtype != needs:
             raise ParrotError(f"{source}: {key}.enabled is true but --dtype is {dtype}; set it to \"auto\"")
-    out = ResolvedDeepSpeed(cfg, stage)
+    out = ResolvedDeepSpeed(cfg, stage, json.loads(json.dumps(cfg)))
     opt = cfg.pop("optimizer", None)
     if opt is not None:
         kind = str(opt.get("type", "")).lower() if isinstance(opt, dict) else ""

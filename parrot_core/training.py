@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .data import LlavaData
-from .ds_config import read_ds_config
+from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
 from .errors import ParrotError
 from .run_dir import RunDir, read_json, write_json
-from .schedule import StepPlan
+from .schedule import StepPlan, warmup_steps
 from .tokenizer import Tokenizer
 from .train_config import TrainConfig
 from .train_source import ModelSource, open_source
@@ -30,7 +30,7 @@ class PreparedRun:
     data: LlavaData
     rank: int  # this process's rank (torchrun / deepspeed set RANK)
     world_size: int = 1
-    deepspeed: dict | None = None  # the --deepspeed JSON as read (its "auto" fields are resolved by the trainer)
+    deepspeed: ResolvedDeepSpeed | None = None  # the --deepspeed JSON, "auto" fields resolved from the flags
 
     def echo(self, *args) -> None:
         if self.rank == 0:
@@ -76,7 +76,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     if world_size > 1 and tc.strategy == "single":
         raise ParrotError(f"launched with {world_size} processes but neither --deepspeed nor --fsdp: pass one of "
                           "them (e.g. --deepspeed configs/zero3.json or --fsdp), or run one process")
-    ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
+    raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
     if rank == 0:  # the other ranks may look only after rank 0 created the directory
         run.check(tc.resume)
@@ -88,6 +88,16 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     n_visual = src.config.num_visual_tokens(src.tower.config)
     data = LlavaData(tc.data, tc.image_dir, tok, src.tower.image, n_visual, tc.max_length, tc.truncate,
                      progress=progress and rank == 0)
+    ds = None
+    if raw_ds is not None:
+        plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, world_size)
+        ds = resolve_ds_config(
+            raw_ds, batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world_size, lr=tc.lr,
+            weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, dtype=tc.dtype,
+            hidden_size=src.config.hidden_size, total_steps=plan.total_steps,
+            warmup_steps=warmup_steps(plan.total_steps, tc.warmup_ratio), source=f"--deepspeed {tc.deepspeed}")
+        if tc.backend == "cpu" and ds.config.get("fp16", {}).get("enabled") is True:
+            raise ParrotError("--deepspeed: fp16 needs CUDA; on CPU train in float32")
     prepared = PreparedRun(tc, run, latest, src, tok, data, rank, world_size, ds)
     prepared.echo(data.report.summary())
     if tc.resume and latest is None:

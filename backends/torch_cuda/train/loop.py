@@ -141,8 +141,7 @@ def make_strategy(p: PreparedRun) -> Strategy:
         return FSDPStrategy(device, dtype)
     from .strategy_deepspeed import DeepSpeedStrategy
 
-    return DeepSpeedStrategy(device, tc.dtype, p.deepspeed, tc.batch_size, tc.grad_accum,
-                             p.source.config.hidden_size, p.resume_from, p.echo)
+    return DeepSpeedStrategy(device, p.deepspeed, p.echo)
 
 
 def _seed_everything(seed: int) -> None:

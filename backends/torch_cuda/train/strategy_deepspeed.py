@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from parrot.ds_config import resolve_ds_config
+from parrot.ds_config import ResolvedDeepSpeed
 from parrot.errors import ParrotError
 from parrot.zero_checkpoint import ZeroCheckpoint
 
@@ -39,31 +39,21 @@ def saved_world_size(directory: Path) -> int:
 class DeepSpeedStrategy(Collectives):
     name = "deepspeed"
 
-    def __init__(self, device: torch.device, dtype: str, raw_config: dict, batch_size: int, grad_accum: int,
-                 hidden_size: int, resume_from: Path | None = None, echo: Callable[..., None] = print):
+    def __init__(self, device: torch.device, resolved: ResolvedDeepSpeed, echo: Callable[..., None] = print):
         # DeepSpeed 0.19 calls c10d collectives that torch 2.13 deprecates, once per bucket
         warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
         init_process_group(device, use_deepspeed=True)
         self.device = device
         self.build_device = torch.device("cpu")  # DeepSpeed moves (and under ZeRO-3 partitions) the model
-        self.dtype, self.raw = dtype, raw_config
-        self.batch_size, self.grad_accum, self.hidden_size = batch_size, grad_accum, hidden_size
-        self.resume_from, self.echo = resume_from, echo
+        self.resolved, self.stage, self.echo = resolved, resolved.stage, echo
 
     def prepare(self, model: nn.Module, optim: OptimSpec) -> Callable[..., Any]:
         import deepspeed
 
-        r = resolve_ds_config(
-            self.raw, batch_size=self.batch_size, grad_accum=self.grad_accum, world_size=self.world_size,
-            lr=optim.lr, weight_decay=optim.weight_decay, max_grad_norm=optim.max_grad_norm, dtype=self.dtype,
-            hidden_size=self.hidden_size, total_steps=optim.total_steps, warmup_steps=optim.warmup_steps,
-        )
+        r = self.resolved
         for note in r.notes:
             self.echo(f"--deepspeed: {note}")
-        if self.device.type == "cpu" and r.config.get("fp16", {}).get("enabled") is True:
-            raise ParrotError("--deepspeed: fp16 needs CUDA; on CPU train in float32")
         cfg = {**r.config, "steps_per_print": r.config.get("steps_per_print", 2**31 - 1)}
-        self.resolved, self.stage = cfg, r.stage
         model.train()
         optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=r.betas, eps=r.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda)
@@ -171,5 +161,5 @@ class DeepSpeedStrategy(Collectives):
             del full
 
     def run_config_extra(self) -> dict[str, Any]:
-        return {"deepspeed_config": self.resolved}
+        return {"deepspeed_config": self.resolved.file}
 
