@@ -105,10 +105,7 @@ def test_a_rank_with_only_text_samples_does_not_hang(runs, data):
     """Step 1: rank 1's micro-batch is text-only, rank 0's has images; steps 3 and 6 leave rank 1 only a
     filler. Under ZeRO-3 and FSDP every rank must still gather the vision tower, projector and MoE: the
     runs finish (launch() fails a run still going after its timeout) and log every step."""
-    import json
-
     from parrot.backends.torch_cuda.train.data import rank_micro_batches
-    from parrot.data import LlavaData  # noqa: F401  (the data file is the one the runs read)
 
     samples = json.loads(data[0].read_text())
     p = plan()
