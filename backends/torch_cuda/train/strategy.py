@@ -1,6 +1,7 @@
 """How the model is placed, stepped and saved: the only thing that changes between one process,
 DeepSpeed ZeRO and FSDP2. The training loop calls exactly this interface; the model code carries
-no distributed code (torchtitan style).
+no distributed code (torchtitan style). Implementations: `SingleProcess` (here),
+`strategy_deepspeed.DeepSpeedStrategy` (--deepspeed) and `strategy_fsdp.FSDPStrategy` (--fsdp).
 """
 
 from __future__ import annotations
