@@ -36,17 +36,24 @@ def _size(n: float) -> str:
               help="Quantize embed_tokens and lm_head too [default: yes, as mlx-lm does].")
 @click.option("--vision-tower", default=None, metavar="DIR|ID",
               help="CLIP tower: merged when SRC lacks its weights; its config when mm_vision_tower doesn't resolve.")
+@click.option("--config", "config", default=None, metavar="DIR",
+              help="For a training checkpoint SRC: a directory with its config.json, tokenizer and preprocessor "
+              "settings [default: SRC/model, written by parrot train].")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
             quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
-            force: bool) -> None:
+            config: str | None, force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
+
+    SRC may also be a checkpoint of a sharded training run (`parrot train --deepspeed` or `--fsdp`:
+    OUTPUT/checkpoints/step-N), consolidated into a full model.
 
     \b
     Examples:
       parrot convert AIDC-AI/Parrot-7B parrot-7b-mlx --to mlx
       parrot convert AIDC-AI/Parrot-7B parrot-7b-4bit -q 4
       parrot convert parrot-7b-mlx parrot-7b-hf --to hf
+      parrot convert runs/s2/checkpoints/step-00001000 s2-step1000 --to hf
     """
     from tqdm import tqdm
 
@@ -73,7 +80,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
                 group_size=int(group_size or 64),
                 quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
                 quantize_embeddings=quantize_embeddings is not False,
-                vision_tower=vision_tower, force=force, on_start=start,
+                vision_tower=vision_tower, force=force, on_start=start, config=config,
                 progress=lambda n: bar[0].update(n),
             )
         finally:

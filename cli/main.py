@@ -44,7 +44,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="parrot")
-def cli() -> None:
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="Passed by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment).")
+def cli(local_rank: int | None) -> None:
     """Parrot: multilingual vision-language model, PyTorch and MLX backends."""
 
 

@@ -46,8 +46,10 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
 @click.option("--num-experts", type=int, default=6, show_default=True, help="New model (--llm) only: MoE experts.")
 @click.option("--moe-intermediate-size", type=int, default=4096, show_default=True,
               help="New model (--llm) only: the experts' intermediate size.")
-@click.option("--deepspeed", default=None, metavar="FILE.json", help="DeepSpeed ZeRO config (not available yet).")
-@click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (not available yet).")
+@click.option("--deepspeed", default=None, metavar="FILE.json",
+              help="Shard with DeepSpeed ZeRO: a DeepSpeed config, \"auto\" fields filled from these flags "
+              "(configs/zero2.json: stage 1's recipe, configs/zero3.json: stage 2's).")
+@click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (ZeRO-3 equivalent, checkpoints in DCP format).")
 def train(stage: str, **flags) -> None:
     """Train Parrot: stage 1 aligns the projector, stage 2 tunes projector, MoE and LLM.
 
@@ -57,6 +59,8 @@ def train(stage: str, **flags) -> None:
                    --data pretrain.json --image-dir images/ --output runs/s1
       parrot train --stage 2 --model runs/s1 --data sft.json --image-dir images/ --output runs/s2
       parrot train --stage 2 --model runs/s1 ... --output runs/s2 --resume     # after an interruption
+      torchrun --nproc_per_node 8 -m parrot.cli.main train --stage 2 --deepspeed configs/zero3.json ...
+      deepspeed --num_gpus 8 --module parrot.cli.main train --stage 1 --deepspeed configs/zero2.json ...
     """
     from parrot.training import train as run_training
 

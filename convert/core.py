@@ -155,6 +155,7 @@ def convert_checkpoint(
     max_shard_bytes: int = 5 * 1024**3,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[Source], None] | None = None,
+    config: str | Path | None = None,
 ) -> ConversionResult:
     """Converts a Parrot model (official or MLX directory, or a hub id) to `to`: "mlx" or "hf" (official).
 
@@ -165,6 +166,9 @@ def convert_checkpoint(
     vision_tower: a CLIP directory or id, merged when SRC lacks the tower weights, or supplying the
     tower config when `mm_vision_tower` does not resolve.
     progress: called with the source bytes of each tensor once written; on_start: with the opened source.
+    SRC may also be a training checkpoint (`parrot train --deepspeed` / `--fsdp`, the `step-N` directory):
+    its weights are consolidated; `config` names the directory with its config.json, tokenizer and
+    preprocessor settings when the one the trainer wrote next to it (`step-N/model/`) is missing.
     """
     t0 = time.perf_counter()
     if to not in TARGETS:
@@ -183,7 +187,7 @@ def convert_checkpoint(
     if dst.resolve() == src_path.resolve():
         raise ParrotError(f"{dst}: the destination is the source directory; choose another DST")
     tower_arg = _tower_argument(vision_tower, src_path)
-    source = open_source(src_path, tower_arg)
+    source = open_source(src_path, tower_arg, config)
     Tokenizer.from_dir(source.path)  # missing or broken tokenizer files fail before any weight is written
     notes: list[str] = []
     if source.quantization:

@@ -42,9 +42,10 @@ class SourceTensor:
 
 @dataclass
 class Source:
-    kind: str  # "official" | "mlx"
+    kind: str  # "official" | "mlx" | "deepspeed" | "dcp"
     checkpoint: Checkpoint
     tensors: list[SourceTensor]
+    stored: str | None = None  # the tensors' dtype when the checkpoint has no safetensors files to tell
 
     @property
     def path(self) -> Path:
@@ -58,7 +59,7 @@ class Source:
         return sum(t.nbytes for t in self.tensors)
 
     def stored_dtype(self) -> str:
-        return self.checkpoint.stored_dtype()
+        return self.stored or self.checkpoint.stored_dtype()
 
 
 def has_vision_weights(directory: Path) -> bool:
@@ -116,18 +117,20 @@ def _parrot_dir_tensors(ckpt: Checkpoint) -> list[SourceTensor]:
     return out
 
 
-def _open_parrot_dir(path: Path, vision_tower) -> Source:
+def _open_parrot_dir(path: Path, vision_tower, description=None) -> Source:
     ckpt = Checkpoint.open(path, vision_tower)
     return Source(ckpt.layout, ckpt, _parrot_dir_tensors(ckpt))
 
 
-# (name, matches(path), open(path, vision_tower)); the last entry also reports what is missing
-KINDS: list[tuple[str, Callable[[Path], bool], Callable[[Path, object], Source]]] = [
+# (name, matches(path), open(path, vision_tower, description)); the last entry also reports what is missing
+KINDS: list[tuple[str, Callable[[Path], bool], Callable[..., Source]]] = [
     ("parrot directory (official or MLX layout)", lambda p: True, _open_parrot_dir),
 ]
 
 
-def open_source(path: str | Path, vision_tower=None) -> Source:
+def open_source(path: str | Path, vision_tower=None, description: str | Path | None = None) -> Source:
+    """description: for a training checkpoint, the directory with its config.json, tokenizer and
+    preprocessor settings (default: found next to it)."""
     """Detects the kind of `path` and opens it (validated against its config before any read)."""
     path = Path(path)
     if not path.exists():
@@ -136,5 +139,11 @@ def open_source(path: str | Path, vision_tower=None) -> Source:
         raise ParrotError(f"{path}: not a directory (a Parrot model is a directory with config.json)")
     for _, matches, open_ in KINDS:
         if matches(path):
-            return open_(path, vision_tower)
+            return open_(path, vision_tower, description)
     raise ParrotError(f"{path}: not a model directory of a known kind ({', '.join(n for n, _, _ in KINDS)})")
+
+
+# training checkpoints (DeepSpeed, DCP) come first: they are recognized by their own files
+from .training_sources import KINDS as _TRAINING_KINDS  # noqa: E402  (needs Source, defined above)
+
+KINDS[:0] = _TRAINING_KINDS

@@ -21,8 +21,9 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"lr": 2e-5, "batch_size": 4, "grad_accum": 4},  # scripts/train/finetune.sh (x 8 GPUs: global 128)
 }
 # fields that shape the trajectory: a resumed run must use the same values as the checkpoint's run
+# (--grad-accum may change with the number of processes, as long as the global batch stays the same)
 TRAJECTORY_FIELDS = (
-    "stage", "model", "llm", "vision_tower", "data", "image_dir", "lr", "batch_size", "grad_accum", "epochs",
+    "stage", "model", "llm", "vision_tower", "data", "image_dir", "lr", "batch_size", "epochs",
     "max_steps", "max_length", "seed", "dtype", "train_vision", "no_moe", "warmup_ratio", "weight_decay",
     "max_grad_norm", "truncate", "num_experts", "moe_intermediate_size", "moe_weight",
 )
@@ -61,7 +62,7 @@ class TrainConfig:
     num_experts: int = 6
     moe_intermediate_size: int = 4096
     moe_weight: float = 0.1
-    # distributed strategy (multi-GPU issue): None = one process
+    # sharding: a DeepSpeed JSON config (ZeRO-2/3) or FSDP2; neither = one process, no sharding
     deepspeed: str | None = None
     fsdp: bool = False
 
@@ -77,7 +78,7 @@ class TrainConfig:
             grad_accum=d["grad_accum"] if self.grad_accum is None else self.grad_accum,
             dtype=self.dtype or ("bfloat16" if self.backend == "cuda" else "float32"),
         )
-        for name in ("data", "output", "model", "llm", "vision_tower", "image_dir"):
+        for name in ("data", "output", "model", "llm", "vision_tower", "image_dir", "deepspeed"):
             v = getattr(out, name)
             if v is not None and Path(v).exists():  # absolute, so a resume from elsewhere compares equal
                 setattr(out, name, str(Path(v).resolve()))
@@ -118,6 +119,15 @@ class TrainConfig:
             raise ParrotError(f"--num-workers must not be negative, not {self.num_workers}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ParrotError(f"--max-grad-norm must be positive, not {self.max_grad_norm}")
+        if self.deepspeed is not None and self.fsdp:
+            raise ParrotError("--deepspeed and --fsdp are two ways to shard the model: choose one")
+        if self.backend == "mlx" and (self.deepspeed is not None or self.fsdp):
+            raise ParrotError("--deepspeed / --fsdp shard the torch backend: use --backend cuda (or cpu)")
+
+    @property
+    def strategy(self) -> str:
+        """How the model is sharded: "deepspeed", "fsdp" or "single" (one process, or plain replicas)."""
+        return "deepspeed" if self.deepspeed is not None else "fsdp" if self.fsdp else "single"
 
     @property
     def use_moe(self) -> bool:

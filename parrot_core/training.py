@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .data import LlavaData
+from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
 from .errors import ParrotError
 from .run_dir import RunDir, read_json, write_json
-from .schedule import StepPlan
+from .schedule import StepPlan, warmup_steps
 from .tokenizer import Tokenizer
 from .train_config import TrainConfig
 from .train_source import ModelSource, open_source
@@ -28,6 +29,8 @@ class PreparedRun:
     tokenizer: Tokenizer
     data: LlavaData
     rank: int  # this process's rank (torchrun / deepspeed set RANK)
+    world_size: int = 1
+    deepspeed: ResolvedDeepSpeed | None = None  # the --deepspeed JSON, "auto" fields resolved from the flags
 
     def echo(self, *args) -> None:
         if self.rank == 0:
@@ -38,27 +41,64 @@ class PreparedRun:
         return {"config": self.config.to_dict(), "derived": {
             "source": self.source.description, "num_samples": len(self.data), "total_steps": plan.total_steps,
             "steps_per_epoch": plan.steps_per_epoch, "global_batch": plan.global_batch,
-            "warmup_steps": warmup_steps, "use_moe": self.config.use_moe, **extra}}
+            "warmup_steps": warmup_steps, "use_moe": self.config.use_moe, "world_size": self.world_size,
+            "strategy": self.config.strategy, **extra}}
+
+
+def launch_world() -> tuple[int, int]:
+    """(rank, world size) as torchrun / the deepspeed launcher set them; (0, 1) when not launched."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ParrotError("RANK / WORLD_SIZE are set but not integers; launch with torchrun or deepspeed") from None
+
+
+def _check_resume(tc: TrainConfig, latest: Path, world_size: int) -> None:
+    saved_run = read_json(latest / "run_config.json")
+    saved = TrainConfig.from_dict(saved_run["config"])
+    derived = saved_run.get("derived", {})
+    diff = tc.trajectory_diff(saved)
+    saved_world = int(derived.get("world_size", 1))
+    if saved.grad_accum * saved_world != tc.grad_accum * world_size:
+        diff.append(f"global batch: --grad-accum {saved.grad_accum} x {saved_world} process(es) -> "
+                    f"{tc.grad_accum} x {world_size}")
+    if saved.strategy != tc.strategy:
+        diff.append(f"sharding {saved.strategy} -> {tc.strategy} (the checkpoint's format is {saved.strategy}'s)")
+    if diff:
+        raise ParrotError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(diff)}). "
+                          "Resume with the same flags (--grad-accum may change with the number of processes if "
+                          "the global batch stays the same), or start a new run in another --output.")
 
 
 def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     tc = tc.resolved()
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = launch_world()
+    if world_size > 1 and tc.strategy == "single":
+        raise ParrotError(f"launched with {world_size} processes but neither --deepspeed nor --fsdp: pass one of "
+                          "them (e.g. --deepspeed configs/zero3.json or --fsdp), or run one process")
+    raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
-    run.check(tc.resume)
+    if rank == 0:  # the other ranks may look only after rank 0 created the directory
+        run.check(tc.resume)
     latest = run.latest_checkpoint() if tc.resume else None
     if latest is not None:
-        saved = TrainConfig.from_dict(read_json(latest / "run_config.json")["config"])
-        diff = tc.trajectory_diff(saved)
-        if diff:
-            raise ParrotError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(diff)}). "
-                              "Resume with the same flags, or start a new run in another --output.")
+        _check_resume(tc, latest, world_size)
     src = open_source(tc)
     tok = Tokenizer.from_dir(src.tokenizer_dir)
     n_visual = src.config.num_visual_tokens(src.tower.config)
     data = LlavaData(tc.data, tc.image_dir, tok, src.tower.image, n_visual, tc.max_length, tc.truncate,
                      progress=progress and rank == 0)
-    prepared = PreparedRun(tc, run, latest, src, tok, data, rank)
+    ds = None
+    if raw_ds is not None:
+        plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, world_size)
+        ds = resolve_ds_config(
+            raw_ds, batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world_size, lr=tc.lr,
+            weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, dtype=tc.dtype,
+            hidden_size=src.config.hidden_size, total_steps=plan.total_steps,
+            warmup_steps=warmup_steps(plan.total_steps, tc.warmup_ratio), source=f"--deepspeed {tc.deepspeed}")
+        if tc.backend == "cpu" and ds.config.get("fp16", {}).get("enabled") is True:
+            raise ParrotError("--deepspeed: fp16 needs CUDA; on CPU train in float32")
+    prepared = PreparedRun(tc, run, latest, src, tok, data, rank, world_size, ds)
     prepared.echo(data.report.summary())
     if tc.resume and latest is None:
         prepared.echo(f"--resume: no checkpoint in {run.checkpoints}; starting from step 0")
@@ -71,8 +111,6 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
 def _check_backend(tc: TrainConfig) -> None:
     if tc.backend == "mlx":
         raise ParrotError("parrot train --backend mlx is not available yet; use --backend cpu or cuda")
-    if tc.deepspeed is not None or tc.fsdp:
-        raise ParrotError("--deepspeed / --fsdp are not supported yet; train in one process without them")
     if importlib.util.find_spec("torch") is None:
         raise ParrotError(f"--backend {tc.backend} needs PyTorch, which is not installed: "
                           "pip install 'parrot-vlm[torch]'")
@@ -81,6 +119,8 @@ def _check_backend(tc: TrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu")
+    if tc.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise ParrotError("--deepspeed needs DeepSpeed, which is not installed: pip install 'parrot-vlm[deepspeed]'")
 
 
 def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:

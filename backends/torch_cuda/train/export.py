@@ -27,6 +27,8 @@ from parrot.train_source import ModelSource
 from ..loading import TORCH_DTYPES, to_torch
 from .strategy import Strategy
 
+MODEL_DIR = "model"  # a checkpoint's model description (config, tokenizer, preprocessor settings)
+
 
 def _shards(tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     shard: dict[str, torch.Tensor] = {}
@@ -76,20 +78,28 @@ def export_model(
             total = sum((tmp / f).stat().st_size for f in final)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        copy_tokenizer_files(src.tokenizer_dir, tmp)
-        src.tower.image.save(tmp)
-        cfg = src.config
-        cfg.torch_dtype = dtype
-        cfg.vision_config = src.tower.config
-        cfg.quantization = None
-        if src.tower.directory is not None and not is_hub_id(str(cfg.mm_vision_tower)):
-            cfg.mm_vision_tower = str(src.tower.directory.resolve())  # a relative tower path would not resolve
-        cfg.extra.update(tokenizer_model_max_length=max_length, use_cache=True)
-        cfg.save(tmp, layout="mlx")  # official layout + the resolved vision_config (official readers ignore it)
+        write_model_description(src, tmp, dtype, max_length)
         _move_into(tmp, out)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_model_description(src: ModelSource, directory: Path, dtype: str, max_length: int) -> None:
+    """Everything of a model directory but the weights: config.json (official layout plus the resolved
+    vision_config), tokenizer files, preprocessor settings. Sharded checkpoints carry it in `model/`,
+    so `parrot convert` can turn them into a model directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer_files(src.tokenizer_dir, directory)
+    src.tower.image.save(directory)
+    cfg = src.config
+    cfg.torch_dtype = dtype
+    cfg.vision_config = src.tower.config
+    cfg.quantization = None
+    if src.tower.directory is not None and not is_hub_id(str(cfg.mm_vision_tower)):
+        cfg.mm_vision_tower = str(src.tower.directory.resolve())  # a relative tower path would not resolve
+    cfg.extra.update(tokenizer_model_max_length=max_length, use_cache=True)
+    cfg.save(directory, layout="mlx")  # official layout + the resolved vision_config (official readers ignore it)
 
 
 def _move_into(tmp: Path, out: Path) -> None:

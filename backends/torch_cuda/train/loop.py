@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from parrot.errors import ParrotError
-from parrot.run_dir import STATE_NAME, RunDir, host_rng_state, read_json, set_host_rng_state, write_json
+from parrot.run_dir import STATE_NAME, host_rng_state, read_json, set_host_rng_state, write_json
 from parrot.schedule import StepPlan, warmup_steps
 from parrot.train_config import TrainConfig
 from parrot.training import PreparedRun
@@ -26,7 +26,8 @@ from ..loading import TORCH_DTYPES
 from ..model import causal_lm_loss_sum
 from .build import build_model, enable_activation_checkpointing, set_trainable, trainable_summary
 from .data import micro_batch_loader
-from .export import export_model
+from .dist import local_device
+from .export import MODEL_DIR, export_model, write_model_description
 from .state import load_rng, save_rng
 from .strategy import OptimSpec, SingleProcess, Strategy
 
@@ -34,14 +35,14 @@ from .strategy import OptimSpec, SingleProcess, Strategy
 def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool = True) -> Path:
     """Trains a prepared run (`parrot.training.train` prepares it); returns the output directory."""
     tc, run, data, tokenizer, src = p.config, p.run, p.data, p.tokenizer, p.source
-    device = _device(tc)
-    strategy: Strategy = SingleProcess(device, TORCH_DTYPES[tc.dtype])
+    strategy = make_strategy(p)
+    device = strategy.device
     echo = p.echo
 
     # ---- model
     _seed_everything(tc.seed)
     plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, strategy.world_size)
-    model = build_model(src, device, tc.seed)
+    model = build_model(src, strategy.build_device, tc.seed)
     set_trainable(model, tc.stage, tc.use_moe, tc.train_vision)
     echo(trainable_summary(model))
     if tc.gradient_checkpointing:
@@ -57,14 +58,17 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
         state = read_json(p.resume_from / STATE_NAME)
         start = state["step"]
         set_host_rng_state(state["host_rng"])
-        load_rng(p.resume_from / f"rng-rank{strategy.rank}.safetensors")
+        rng = p.resume_from / f"rng-rank{strategy.rank}.safetensors"
+        load_rng(rng if rng.is_file() else p.resume_from / "rng-rank0.safetensors")  # more ranks than were saved
         echo(f"resumed from {p.resume_from} (step {start} of {plan.total_steps})")
-    run_config = p.run_config(plan, optim.warmup_steps, torch=torch.__version__, device=str(device))
+    extra = strategy.run_config_extra() if hasattr(strategy, "run_config_extra") else {}
+    run_config = p.run_config(plan, optim.warmup_steps, torch=torch.__version__, device=str(device), **extra)
     if strategy.rank == 0:
         run.truncate_metrics(start)
         write_json(run.run_config, run_config)
+    sharding = {"single": "", "fsdp": ", FSDP2", "deepspeed": f", DeepSpeed ZeRO-{getattr(strategy, 'stage', '?')}"}
     echo(f"{plan.total_steps} steps of {plan.global_batch} samples ({tc.batch_size} x {tc.grad_accum} accumulation"
-         f" x {strategy.world_size} process(es)), lr {tc.lr:g}, {tc.dtype} on {device}")
+         f" x {strategy.world_size} process(es){sharding[strategy.name]}), lr {tc.lr:g}, {tc.dtype} on {device.type}")
 
     # ---- the loop
     loader, micro_per_step = micro_batch_loader(data, plan, start, tokenizer.pad_id, tc.num_workers,
@@ -82,13 +86,13 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
         n_labels = strategy.all_reduce_sum(sum(mb["num_label_tokens"] for mb in micro))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.long, device=device)
-        for mb in micro:
+        for i, mb in enumerate(micro):
             logits, spliced = forward(
                 input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device),
                 pixel_values=mb["pixel_values"].to(device), labels=mb["labels"].to(device), max_length=tc.max_length,
             )
             loss, n = causal_lm_loss_sum(logits, spliced.labels)
-            strategy.backward(loss / n_labels)
+            strategy.backward(loss / n_labels, last=i == len(micro) - 1)
             loss_sum += loss.detach()
             count += n
         lr = strategy.lr()
@@ -110,16 +114,34 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
         bar.update(1)
         if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps:
-            _save_checkpoint(run, strategy, step + 1, plan, run_config, tc.save_total_limit)
+            _save_checkpoint(p, strategy, step + 1, plan, run_config)
     bar.close()
 
     done = run.latest_checkpoint() is not None and run.checkpoint_steps()[-1] >= plan.total_steps
     if stop_after is not None and not done:
         echo(f"stopped after step {min(stop_after, plan.total_steps)}; continue with --resume")
+        strategy.close()
         return run.root
     export_model(strategy, src, run.root, tc.dtype, tc.max_length)
+    strategy.close()
     echo(f"saved the trained model to {run.root} (next stage: --model {run.root})")
     return run.root
+
+
+def make_strategy(p: PreparedRun) -> Strategy:
+    """One process, DeepSpeed ZeRO or FSDP2, as the flags say (the process group starts here)."""
+    tc = p.config
+    dtype = TORCH_DTYPES[tc.dtype]
+    if tc.strategy == "single":
+        return SingleProcess(_device(tc), dtype)
+    device = _device(tc) if tc.backend == "cpu" else local_device(tc.backend)
+    if tc.strategy == "fsdp":
+        from .strategy_fsdp import FSDPStrategy
+
+        return FSDPStrategy(device, dtype)
+    from .strategy_deepspeed import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(device, p.deepspeed, p.echo)
 
 
 def _seed_everything(seed: int) -> None:
@@ -134,8 +156,8 @@ def _device(tc: TrainConfig) -> torch.device:
     return torch.device(tc.backend)
 
 
-def _save_checkpoint(run: RunDir, strategy: Strategy, step: int, plan: StepPlan, run_config: dict,
-                     keep: int | None) -> None:
+def _save_checkpoint(p: PreparedRun, strategy: Strategy, step: int, plan: StepPlan, run_config: dict) -> None:
+    run, keep = p.run, p.config.save_total_limit
     tmp = run.staging_dir(step) if strategy.rank == 0 else run.checkpoints / f".tmp-step-{step:08d}"
     strategy.barrier()
     strategy.save(tmp)
@@ -143,8 +165,9 @@ def _save_checkpoint(run: RunDir, strategy: Strategy, step: int, plan: StepPlan,
     strategy.barrier()
     if strategy.rank == 0:
         write_json(tmp / "run_config.json", run_config)
+        write_model_description(p.source, tmp / MODEL_DIR, p.config.dtype, p.config.max_length)
         epoch, offset = plan.position(step)
         state = {"step": step, "epoch": epoch, "sample_offset": offset, "total_steps": plan.total_steps,
-                 "host_rng": host_rng_state()}
+                 "strategy": strategy.name, "world_size": strategy.world_size, "host_rng": host_rng_state()}
         run.commit(tmp, step, state, keep)
     strategy.barrier()

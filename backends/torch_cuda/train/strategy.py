@@ -1,6 +1,7 @@
 """How the model is placed, stepped and saved: the only thing that changes between one process,
 DeepSpeed ZeRO and FSDP2. The training loop calls exactly this interface; the model code carries
-no distributed code (torchtitan style).
+no distributed code (torchtitan style). Implementations: `SingleProcess` (here),
+`strategy_deepspeed.DeepSpeedStrategy` (--deepspeed) and `strategy_fsdp.FSDPStrategy` (--fsdp).
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ class OptimSpec:
 
 
 class Strategy(Protocol):
+    name: str  # "single" | "deepspeed" | "fsdp"
     rank: int
     world_size: int
-    device: torch.device
+    device: torch.device  # where the batches go
+    build_device: torch.device  # where the model is built before prepare()
 
     def prepare(self, model: nn.Module, optim: OptimSpec) -> Callable[..., Any]:
         """Places / shards the model, builds optimizer and scheduler; returns the callable forward."""
 
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Accumulates the gradient of `loss` (`last`: the step's last micro-batch on this rank)."""
 
     def step(self) -> float:
         """Clips, steps optimizer and scheduler, zeroes the gradients; returns the pre-clip grad norm."""
@@ -62,6 +66,9 @@ class Strategy(Protocol):
 
     def barrier(self) -> None: ...
 
+    def close(self) -> None:
+        """Ends the process group, if any (after the export)."""
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters: matrices decay, biases / norms / embeddings' 1-D tensors do not."""
@@ -76,11 +83,13 @@ class SingleProcess:
     """One process, one device. With a 16-bit compute dtype, trainable weights stay float32 (master)
     and the forward runs under autocast; frozen weights are stored in the compute dtype."""
 
+    name = "single"
     rank = 0
     world_size = 1
 
     def __init__(self, device: str | torch.device, compute_dtype: torch.dtype):
         self.device = torch.device(device)
+        self.build_device = self.device
         self.compute_dtype = compute_dtype
         self.model: nn.Module | None = None
 
@@ -105,7 +114,7 @@ class SingleProcess:
         with amp:
             return self.model(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         loss.backward()
 
     def step(self) -> float:
@@ -142,4 +151,7 @@ class SingleProcess:
         return value
 
     def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
