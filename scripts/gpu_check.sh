@@ -95,6 +95,11 @@ for strategy in single fsdp zero3; do
     part "bench: $strategy" 120 "$PY" scripts/bench_gpu_train.py run "$BENCH" --strategy $strategy \
         --steps $STEPS --device $DEVICE
 done
+# inference on the same model (bf16): prompt/generation tokens/s, time to first token, peak memory
+part "inference bench (batch 1)" 60 "$PY" -m parrot.cli.main bench --backend $DEVICE --model "$BENCH/model" \
+    -p 512 -g 128 -n 3
+part "inference bench (batch 8)" 60 "$PY" -m parrot.cli.main bench --backend $DEVICE --model "$BENCH/model" \
+    -p 512 -g 128 -n 2 -b 8
 rm -rf "$BENCH"
 
 echo "=== summary ($((SECONDS - T0)) s)"
