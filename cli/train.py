@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from parrot.config import DTYPES
@@ -65,3 +68,9 @@ def train(stage: str, **flags) -> None:
     from parrot.training import train as run_training
 
     run_training(TrainConfig(stage=int(stage), **flags))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the run is complete and its process group destroyed; skip interpreter teardown, where gloo's and
+        # DeepSpeed's C++ threads can still abort the process (pytorch/pytorch#179291) after a good run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

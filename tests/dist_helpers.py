@@ -3,8 +3,10 @@ launcher, or one plain process), with a timeout that fails a hang instead of blo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,7 +94,11 @@ def launch(args: list[str], nproc: int, launcher: str = "torchrun", timeout: flo
 
 
 def launch_and_kill(args: list[str], nproc: int, output: Path, after_step: int, timeout: float = 600) -> None:
-    """Starts the run and SIGKILLs every process of it once checkpoint `after_step` is complete."""
+    """Starts the run and SIGKILLs every process of it once checkpoint `after_step` is complete.
+
+    The processes are frozen (SIGSTOP) the moment the checkpoint appears and killed; checkpoints a fast
+    run wrote meanwhile are removed, so the run is left exactly as if killed right after `after_step`.
+    """
     proc = subprocess.Popen(command(args, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=_env(), start_new_session=True)
     done = output / "checkpoints" / f"step-{after_step:08d}" / "trainer_state.json"
@@ -103,5 +109,10 @@ def launch_and_kill(args: list[str], nproc: int, output: Path, after_step: int, 
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP)
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    for later in (output / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > after_step:
+            shutil.rmtree(later)
