@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .adapter import LORA_FIELDS, resolve_lora
 from .config import DTYPES
 from .errors import ParrotError
 
@@ -25,6 +26,7 @@ TRAJECTORY_FIELDS = (
     "stage", "model", "llm", "vision_tower", "data", "image_dir", "lr", "batch_size", "grad_accum", "epochs",
     "max_steps", "max_length", "seed", "dtype", "train_vision", "no_moe", "warmup_ratio", "weight_decay",
     "max_grad_norm", "truncate", "num_experts", "moe_intermediate_size", "moe_weight",
+    "lora", "lora_rank", "lora_scale", "lora_dropout", "lora_targets", "lora_layers",
 )
 
 
@@ -64,6 +66,14 @@ class TrainConfig:
     # distributed strategy (multi-GPU issue): None = one process
     deepspeed: str | None = None
     fsdp: bool = False
+    # LoRA / QLoRA (--backend mlx): adapters on the LLM instead of the stage's full trainable set
+    lora: bool = False
+    lora_rank: int | None = None  # default 8
+    lora_scale: float | None = None  # mlx-lm's scale (default 20.0) ...
+    lora_alpha: float | None = None  # ... or PEFT's alpha: scale = alpha / rank
+    lora_dropout: float | None = None  # default 0.0
+    lora_targets: list[str] | None = None  # default: the LLM's attention and MLP projections
+    lora_layers: int | None = None  # adapt the last N LLM layers (mlx-lm's --num-layers); default all
 
     def resolved(self) -> TrainConfig:
         """A copy with the per-stage and per-backend defaults filled in, validated."""
@@ -77,6 +87,9 @@ class TrainConfig:
             grad_accum=d["grad_accum"] if self.grad_accum is None else self.grad_accum,
             dtype=self.dtype or ("bfloat16" if self.backend == "cuda" else "float32"),
         )
+        if out.lora:
+            out = replace(out, **resolve_lora(out.lora_rank, out.lora_scale, out.lora_alpha, out.lora_dropout,
+                                              out.lora_targets))
         for name in ("data", "output", "model", "llm", "vision_tower", "image_dir"):
             v = getattr(out, name)
             if v is not None and Path(v).exists():  # absolute, so a resume from elsewhere compares equal
@@ -118,6 +131,25 @@ class TrainConfig:
             raise ParrotError(f"--num-workers must not be negative, not {self.num_workers}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ParrotError(f"--max-grad-norm must be positive, not {self.max_grad_norm}")
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        given = [f"--{n.replace('_', '-')}" for n in LORA_FIELDS if getattr(self, n) is not None]
+        if not self.lora:
+            if given:
+                raise ParrotError(f"{', '.join(given)} set(s) up LoRA: add --lora (with --backend mlx)")
+            return
+        if self.backend != "mlx":
+            raise ParrotError(f"--lora trains adapters on the MLX backend only: use --backend mlx (--backend "
+                              f"{self.backend} trains the stage's full parameter set)")
+        if self.stage != 2:
+            raise ParrotError("--lora adapts the LLM in stage 2; stage 1 trains the projector only (drop --lora)")
+        if self.train_vision:
+            raise ParrotError("--train-vision trains the CLIP tower fully; it does not combine with --lora")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ParrotError(f"--lora-layers must be at least 1, not {self.lora_layers}")
+        if self.no_moe and self.lora_targets and "experts" in self.lora_targets:
+            raise ParrotError("--lora-targets experts needs the MoE; it does not combine with --no-moe")
 
     @property
     def use_moe(self) -> bool:

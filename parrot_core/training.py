@@ -50,6 +50,8 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     if latest is not None:
         saved = TrainConfig.from_dict(read_json(latest / "run_config.json")["config"])
         diff = tc.trajectory_diff(saved)
+        if (saved.backend == "mlx") != (tc.backend == "mlx"):
+            diff.append(f"backend {saved.backend!r} -> {tc.backend!r} (MLX and torch checkpoints differ)")
         if diff:
             raise ParrotError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(diff)}). "
                               "Resume with the same flags, or start a new run in another --output.")
@@ -70,7 +72,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
 
 def _check_backend(tc: TrainConfig) -> None:
     if tc.backend == "mlx":
-        raise ParrotError("parrot train --backend mlx is not available yet; use --backend cpu or cuda")
+        return _check_mlx(tc)
     if tc.deepspeed is not None or tc.fsdp:
         raise ParrotError("--deepspeed / --fsdp are not supported yet; train in one process without them")
     if importlib.util.find_spec("torch") is None:
@@ -83,6 +85,16 @@ def _check_backend(tc: TrainConfig) -> None:
             raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu")
 
 
+def _check_mlx(tc: TrainConfig) -> None:
+    if tc.deepspeed is not None or tc.fsdp:
+        raise ParrotError("--deepspeed / --fsdp shard torch training; --backend mlx trains in one process")
+    from .api import _import_error
+
+    if err := _import_error("mlx.core", "mlx_lm"):
+        raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
+                          "pip install 'parrot-vlm[mlx]'")
+
+
 def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:
     """Runs (or, with `resume`, continues) a training run; returns the output directory, which then
     holds the final consolidated model (the next stage's `--model`).
@@ -91,6 +103,9 @@ def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True)
     """
     _check_backend(tc)
     prepared = prepare_run(tc, progress)
-    from .backends.torch_cuda.train.loop import run_training
+    if tc.backend == "mlx":
+        from .backends.mlx.train.loop import run_training
+    else:
+        from .backends.torch_cuda.train.loop import run_training
 
     return run_training(prepared, stop_after=stop_after, progress=progress)
