@@ -36,10 +36,12 @@ def _size(n: float) -> str:
               help="Quantize embed_tokens and lm_head too [default: yes, as mlx-lm does].")
 @click.option("--vision-tower", default=None, metavar="DIR|ID",
               help="CLIP tower: merged when SRC lacks its weights; its config when mm_vision_tower doesn't resolve.")
+@click.option("--fuse-adapter", "adapter", default=None, metavar="DIR",
+              help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
             quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
-            force: bool) -> None:
+            adapter: str | None, force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
 
     \b
@@ -47,6 +49,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
       parrot convert AIDC-AI/Parrot-7B parrot-7b-mlx --to mlx
       parrot convert AIDC-AI/Parrot-7B parrot-7b-4bit -q 4
       parrot convert parrot-7b-mlx parrot-7b-hf --to hf
+      parrot convert parrot-7b-4bit parrot-7b-tuned --fuse-adapter runs/lora    # base + adapter, float
     """
     from tqdm import tqdm
 
@@ -73,13 +76,15 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
                 group_size=int(group_size or 64),
                 quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
                 quantize_embeddings=quantize_embeddings is not False,
-                vision_tower=vision_tower, force=force, on_start=start,
+                vision_tower=vision_tower, force=force, on_start=start, adapter=adapter,
                 progress=lambda n: bar[0].update(n),
             )
         finally:
             for b in bar:
                 b.close()
     what = "MLX" if result.target == "mlx" else "official (hf)"
+    if adapter is not None:
+        what += f", adapter {adapter} fused"
     q = result.quantization
     if q:
         what += f", {q['bits']}-bit (group size {q['group_size']}: {len(q['quantized'])} module kinds quantized"

@@ -124,7 +124,6 @@ def test_resume_with_other_settings_is_refused(two_stages, dataset):
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (("--backend", "mlx"), ("--backend mlx", "not available yet")),
     (("--deepspeed", "zero3.json"), ("--deepspeed", "not supported yet")),
     (("--fsdp",), ("--fsdp", "not supported yet")),
 ])

@@ -1,6 +1,6 @@
 """LoRA on the MLX model with mlx-lm's LoRALinear (a quantized base layer stays quantized: QLoRA).
 
-`apply_lora` wraps the named modules; `load_adapter` rebuilds a saved adapter on a loaded model
+`apply_lora` wraps the named modules; `apply_adapter` rebuilds a saved adapter on a loaded model
 (`parrot.load(..., adapter=DIR)`); `lora_weights` are what `adapters.safetensors` holds.
 """
 
@@ -12,8 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from parrot.adapter import Adapter, check_base, read_adapter
-from parrot.checkpoint import Checkpoint
+from parrot.adapter import Adapter
 from parrot.errors import ParrotError
 
 from .model import Model
@@ -38,12 +37,9 @@ def lora_weights(model: Model) -> dict[str, mx.array]:
     return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in LORA_LEAVES}
 
 
-def load_adapter(model: Model, ckpt: Checkpoint, path) -> Adapter:
-    """Applies the adapter in `path` to a loaded model after checking that it fits the base."""
-    adapter = read_adapter(path)
-    check_base(adapter, ckpt.config, ckpt.manifest.required, str(ckpt.path))
+def apply_adapter(model: Model, adapter: Adapter) -> None:
+    """Rebuilds a saved adapter (parrot.adapter.read_adapter, checked against the base) on a loaded model."""
     apply_lora(model, adapter.modules, adapter.rank, adapter.scale, adapter.dropout)
     model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in adapter.weights.items()], strict=False)
     mx.eval(model.parameters())
     model.eval()
-    return adapter
