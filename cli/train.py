@@ -49,6 +49,8 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
               help="New model (--llm) only: the experts' intermediate size.")
 @click.option("--deepspeed", default=None, metavar="FILE.json", help="DeepSpeed ZeRO config (not available yet).")
 @click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (not available yet).")
+@click.option("--save-layout", type=click.Choice(["official", "mlx"]), default="official", show_default=True,
+              help="Layout of the final model (mlx: with --backend mlx). Both load everywhere.")
 @click.option("--lora", is_flag=True, help="mlx: train LoRA adapters on a frozen base (QLoRA on a quantized one).")
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank [default: 8].")
 @click.option("--lora-scale", type=float, default=None, help="LoRA scale, mlx-lm's convention [default: 20.0].")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parrot.adapter import check_base, read_adapter
+from parrot.adapter import fit_base, read_adapter
 from parrot.config import DTYPES, KNOWN_VISION_TOWERS
 from parrot.errors import ParrotError
 from parrot.fsutil import atomic_output_dir
@@ -148,7 +148,7 @@ def _open_adapter(adapter, source: Source, notes: list[str]):
         return None
     lora = read_adapter(adapter)
     ckpt = source.checkpoint
-    check_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
+    fit_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
     if source.quantization:
         _warn(f"fusing the adapter into {source.path}'s dequantized weights (the base is quantized; the fused "
               "weights are float unless -q quantizes them again)", notes)

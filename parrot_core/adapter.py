@@ -114,6 +114,11 @@ class Adapter:
     config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json as read
 
     @property
+    def use_moe(self) -> bool | None:
+        """Whether the adapter was trained with the MoE active (None: not recorded)."""
+        return self.config.get("parrot", {}).get("use_moe")
+
+    @property
     def base(self) -> dict[str, Any]:
         return self.config.get("parrot", {}).get("base", {})
 
@@ -202,11 +207,16 @@ def read_adapter(path: str | Path) -> Adapter:
     return Adapter(d, rank, scale, dropout, modules, weights, cfg)
 
 
-def check_base(adapter: Adapter, cfg, shapes: dict[str, tuple[int, ...]], model: str) -> None:
-    """Refuses a base whose dimensions or module shapes differ from the adapter's base.
+def fit_base(adapter: Adapter, cfg, shapes: dict[str, tuple[int, ...]], model: str) -> None:
+    """Refuses a base whose dimensions or module shapes differ from the adapter's base, and runs
+    the base's MoE as the adapter was trained (`cfg.use_moe` set from the adapter's record).
 
     shapes: official key -> float shape of the base (its manifest)."""
     where = f"--adapter {adapter.path} does not fit --model {model}"
+    if adapter.use_moe is not None:
+        if adapter.use_moe and not cfg.has_moe:
+            raise ParrotError(f"{where}: the adapter was trained with the MoE, this model has no MoE weights")
+        cfg.use_moe = bool(adapter.use_moe)
     for k, v in adapter.base.items():
         if k in BASE_FIELDS and getattr(cfg, k, None) != v:
             raise ParrotError(f"{where}: the adapter was trained on a base with {k} {v}, this model has "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import Adapter, check_base, read_adapter
+from .adapter import Adapter, fit_base, read_adapter
 from .chat import ChatSession
 from .checkpoint import Checkpoint
 from .config import DTYPES
@@ -165,7 +165,7 @@ def load(
     lora = None
     if adapter is not None:
         lora = read_adapter(adapter)
-        check_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
+        fit_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
     if backend == "mlx":
         from .backends.mlx.api import MLXParrot
 

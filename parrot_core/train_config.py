@@ -74,6 +74,7 @@ class TrainConfig:
     lora_dropout: float | None = None  # default 0.0
     lora_targets: list[str] | None = None  # default: the LLM's attention and MLP projections
     lora_layers: int | None = None  # adapt the last N LLM layers (mlx-lm's --num-layers); default all
+    save_layout: str = "official"  # the final model's layout; "mlx" with --backend mlx
 
     def resolved(self) -> TrainConfig:
         """A copy with the per-stage and per-backend defaults filled in, validated."""
@@ -132,6 +133,11 @@ class TrainConfig:
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ParrotError(f"--max-grad-norm must be positive, not {self.max_grad_norm}")
         self._validate_lora()
+        if self.save_layout not in ("official", "mlx"):
+            raise ParrotError(f"--save-layout must be official or mlx, not {self.save_layout!r}")
+        if self.save_layout == "mlx" and self.backend != "mlx":
+            raise ParrotError("--save-layout mlx is for --backend mlx; convert a torch run's output with "
+                              "`parrot convert OUTPUT DST --to mlx`")
 
     def _validate_lora(self) -> None:
         given = [f"--{n.replace('_', '-')}" for n in LORA_FIELDS if getattr(self, n) is not None]

@@ -62,6 +62,9 @@ def _from_checkpoint(tc: TrainConfig) -> ModelSource:
         cfg.moe_intermediate_size, cfg.moe_top_k = tc.moe_intermediate_size, tc.num_experts
         cfg.moe_weight = tc.moe_weight
         new.append("moe_model")
+        if tc.lora and tc.use_moe:
+            raise ParrotError(f"{ckpt.path} has no MoE weights: with --lora the MoE would stay frozen at a random "
+                              "init that the adapter does not save. Train stage 2 fully first, or add --no-moe.")
 
     def unused() -> Iterator[tuple[str, np.ndarray]]:
         for k in ckpt.files.keys():

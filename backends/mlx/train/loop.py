@@ -129,7 +129,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
         echo(f"saved the LoRA adapter to {run.root} (use it: parrot chat --model {src.tokenizer_dir} "
              f"--adapter {run.root}; fuse it: parrot convert ... --fuse-adapter {run.root})")
     else:
-        export_model(model, src, run.root, tc.dtype, tc.max_length)
+        export_model(model, src, run.root, tc.dtype, tc.max_length, layout=tc.save_layout)
         echo(f"saved the trained model to {run.root} (next stage: --model {run.root})")
     return run.root
 
