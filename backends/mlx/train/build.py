@@ -75,8 +75,7 @@ def cast_frozen(model: Model, dtype: str) -> None:
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
     target = MX_DTYPES[dtype]
     frozen = [(k, v.astype(target)) for k, v in tree_flatten(model.parameters())
-              if k not in trainable and mx.issubdtype(v.dtype, mx.floating)
-              and not k.endswith((".scales", ".biases"))]
+              if k not in trainable and mx.issubdtype(v.dtype, mx.floating)]  # quantized scales/biases too
     model.load_weights(frozen, strict=False)
 
 
