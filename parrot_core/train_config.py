@@ -143,7 +143,7 @@ class TrainConfig:
         given = [f"--{n.replace('_', '-')}" for n in LORA_FIELDS if getattr(self, n) is not None]
         if not self.lora:
             if given:
-                raise ParrotError(f"{', '.join(given)} set(s) up LoRA: add --lora (with --backend mlx)")
+                raise ParrotError(f"{', '.join(given)}: LoRA settings apply only with --lora (and --backend mlx)")
             return
         if self.backend != "mlx":
             raise ParrotError(f"--lora trains adapters on the MLX backend only: use --backend mlx (--backend "

@@ -6,6 +6,10 @@ padding), measured in the same run. The ratio is what the Parrot parts (CLIP tow
 MoE, splicing, data pipeline) and our loop cost on top of mlx-lm training the LLM alone.
 
     .venv/bin/python scripts/bench_mlx_train.py [--steps 6] [--rounds 2] [--batch-size 4] [--hidden 256]
+        [--modes full,full-nogc,lora,lora-nogc,qlora]
+
+Modes: full = stage 2's trainable set; lora = rank 8 on the LLM's attention and MLP; qlora = the
+same on a 4-bit base; -nogc = without gradient checkpointing (the others recompute each layer).
 
 Rounds alternate ours and the reference so both see the same machine load; best and median step
 (the first step of each run, which pays for warm-up, is left out). Neither side uses mx.compile.
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -47,10 +52,10 @@ QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que 
 ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "
 MODES = {  # name -> (TrainConfig overrides, quantized base, mlx-lm reference mode)
     "full": (dict(), False, "full"),
-    "full, no grad checkpoint": (dict(gradient_checkpointing=False), False, "full"),
-    "LoRA r8 attention+MLP": (dict(lora=True), False, "lora"),
-    "LoRA, no grad checkpoint": (dict(lora=True, gradient_checkpointing=False), False, "lora"),
-    "QLoRA 4-bit base": (dict(lora=True), True, "lora"),
+    "full-nogc": (dict(gradient_checkpointing=False), False, "full"),
+    "lora": (dict(lora=True), False, "lora"),  # rank 8, attention + MLP of every layer
+    "lora-nogc": (dict(lora=True, gradient_checkpointing=False), False, "lora"),
+    "qlora": (dict(lora=True), True, "lora"),  # the same on a 4-bit base (parrot convert -q 4)
 }
 
 
@@ -138,7 +143,9 @@ def main() -> None:
           f"{args.rounds} rounds")
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, mlx {mx.__version__} "
           f"({mx.default_device()})")
-    print(f"{'mode':28} {'ours tok/s best/median':>24} {'peak GiB':>9} {'mlx-lm tok/s best/median':>26} "
+    for old in root.glob("run-*"):
+        shutil.rmtree(old)
+    print(f"{'mode':12} {'ours tok/s best/median':>24} {'peak GiB':>9} {'mlx-lm tok/s best/median':>26} "
           f"{'peak GiB':>9} {'ratio (median)':>15}")
     for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
         overrides, quantized, ref_mode = MODES[name]
@@ -147,7 +154,7 @@ def main() -> None:
                          max_steps=args.steps, num_workers=2, save_every=10**6, output="", **overrides)
         ours, ref, peak, ref_peak, pads = [], [], 0.0, 0.0, []
         for r in range(args.rounds):
-            out = root / f"run-{name.replace(' ', '_').replace(',', '')}-{r}"
+            out = root / f"run-{name}-{r}"
             train(replace(tc, output=str(out)), progress=False)
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             ours += [row["tokens_per_s"] for row in rows[1:]]
@@ -156,7 +163,7 @@ def main() -> None:
             rates, p = reference(model_dir, data, tc, args.steps, ref_mode)
             ref += rates[1:]
             ref_peak = max(ref_peak, p)
-        print(f"{name:28} {max(ours):11.0f} / {statistics.median(ours):<10.0f} {peak:9.3f} "
+        print(f"{name:12} {max(ours):11.0f} / {statistics.median(ours):<10.0f} {peak:9.3f} "
               f"{max(ref):13.0f} / {statistics.median(ref):<10.0f} {ref_peak:9.3f} "
               f"{statistics.median(ours) / statistics.median(ref):15.2f}")
     print(f"padding fraction of the batches: {statistics.mean(pads):.3f}")

@@ -192,7 +192,7 @@ def test_adapter_errors_are_clean(tmp_path, lora_run, tiny_ckpt):
     (dict(lora_dropout=1.0), ("--lora-dropout",)),
     (dict(train_vision=True), ("--train-vision",)),
     (dict(no_moe=True, lora_targets=["experts"]), ("experts", "--no-moe")),
-    (dict(lora=False, lora_rank=4), ("--lora-rank", "add --lora")),
+    (dict(lora=False, lora_rank=4), ("--lora-rank", "only with --lora")),
 ])
 def test_bad_lora_settings_are_refused(flags, needles):
     args = dict(stage=2, data="d.json", output="o", model="m", backend="mlx", lora=True)

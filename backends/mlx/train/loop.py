@@ -82,6 +82,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     batches = step_batches(data, plan, start, tokenizer.pad_id, tc.num_workers)
     bar = tqdm(total=plan.total_steps, initial=start, desc=f"stage {tc.stage}", unit="step",
                disable=not progress, dynamic_ncols=True)
+    peak = 0.0
     for step in range(start, plan.total_steps):
         if stop_after is not None and step >= stop_after:
             break
@@ -113,12 +114,15 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
                "padding_fraction": 1 - tokens / padded, "num_tokens": int(tokens), "num_label_tokens": int(n_labels),
                "epoch": plan.position(step)[0], "peak_memory_gib": mx.get_peak_memory() / 2**30}
         run.log_metrics(row)
+        peak = max(peak, row["peak_memory_gib"])
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}",
                         mem=f"{row['peak_memory_gib']:.2f}G")
         bar.update(1)
         if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps:
             _save_checkpoint(run, model, optimizer, step + 1, plan, run_config, tc.save_total_limit)
     bar.close()
+    if peak:
+        echo(f"peak memory: {peak:.2f} GiB (MLX, {mx.default_device()})")
 
     done = run.latest_checkpoint() is not None and run.checkpoint_steps()[-1] >= plan.total_steps
     if stop_after is not None and not done:
