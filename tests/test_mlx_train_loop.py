@@ -174,3 +174,29 @@ def test_cli_mlx_rejects_distributed_flags(tmp_path, tiny_ckpt, dataset):
     p = run_parrot("train", "--backend", "mlx", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output",
                    tmp_path / "o", "--fsdp")
     assert_clean_failure(p, "--fsdp", "--backend mlx")
+
+
+def test_mlx_training_works_without_torch_installed(tmp_path, tiny_ckpt, dataset):
+    """A Mac with only the [mlx] extra: LoRA training, then the adapter loaded, with torch unimportable."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import without_packages
+
+    data, images = dataset
+    code = (
+        "import sys, parrot; from parrot.train_config import TrainConfig; from parrot.training import train\n"
+        "out = train(TrainConfig(stage=2, model=sys.argv[1], data=sys.argv[2], image_dir=sys.argv[3], "
+        "output=sys.argv[4], backend='mlx', lora=True, max_steps=2, batch_size=2, num_workers=0), progress=False)\n"
+        "m = parrot.load(sys.argv[1], backend='mlx', adapter=out)\n"
+        "print(len(m.adapter.modules), 'torch' in sys.modules)"
+    )
+    env = {**os.environ, **without_packages("torch")}
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(data), str(images), str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-2:] == ["14", "False"]
+    p = run_parrot("train", "--backend", "mlx", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output",
+                   tmp_path / "o2", env=without_packages("mlx"))
+    assert_clean_failure(p, "--backend mlx needs MLX")
