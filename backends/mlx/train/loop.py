@@ -122,7 +122,8 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
             _save_checkpoint(run, model, optimizer, step + 1, plan, run_config, tc.save_total_limit)
     bar.close()
     if peak:
-        echo(f"peak memory: {peak:.2f} GiB (MLX, {mx.default_device()})")
+        size = f"{peak:.2f} GiB" if peak >= 1 else f"{peak * 1024:.0f} MiB"
+        echo(f"peak memory: {size} (MLX, {mx.default_device()})")
 
     done = run.latest_checkpoint() is not None and run.checkpoint_steps()[-1] >= plan.total_steps
     if stop_after is not None and not done:
