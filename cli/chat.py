@@ -57,8 +57,11 @@ def _line_editing() -> None:
 @click.option("--system", default=None, help='System prompt (default "You are a helpful assistant.").')
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
 @click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
+@click.option("--adapter", "adapter_path", default=None, metavar="DIR",
+              help="LoRA adapter (parrot train --lora's output) trained on --model.")
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory figures after each answer (stderr).")
-def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, system, dtype, vision_tower, verbose):
+def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, system, dtype, vision_tower, adapter_path,
+         verbose):
     """Chat with Parrot about IMAGE (optional: without it the chat is text only).
 
     Interactive commands: /image PATH switches image (a new conversation), /clear forgets the
@@ -75,7 +78,7 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
     picture = open_image(image) if image is not None else None  # so does a bad image
     backend = backend or default_backend()
     click.echo(f"Loading {model_path} ({backend})...", err=True)
-    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower)
+    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter_path)
     session = ChatSession(model, picture, system)
     if prompt is not None:
         stream = session.ask(prompt, **sampling)

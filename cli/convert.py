@@ -39,10 +39,12 @@ def _size(n: float) -> str:
 @click.option("--config", "config", default=None, metavar="DIR",
               help="For a training checkpoint SRC: a directory with its config.json, tokenizer and preprocessor "
               "settings [default: SRC/model, written by parrot train].")
+@click.option("--fuse-adapter", "adapter", default=None, metavar="DIR",
+              help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
             quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
-            config: str | None, force: bool) -> None:
+            config: str | None, adapter: str | None, force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
 
     SRC may also be a checkpoint of a sharded training run (`parrot train --deepspeed` or `--fsdp`:
@@ -54,6 +56,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
       parrot convert AIDC-AI/Parrot-7B parrot-7b-4bit -q 4
       parrot convert parrot-7b-mlx parrot-7b-hf --to hf
       parrot convert runs/s2/checkpoints/step-00001000 s2-step1000 --to hf
+      parrot convert parrot-7b-4bit parrot-7b-tuned --fuse-adapter runs/lora    # base + adapter, float
     """
     from tqdm import tqdm
 
@@ -80,13 +83,15 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
                 group_size=int(group_size or 64),
                 quantize_experts=QUANTIZE_EXPERTS_DEFAULT if quantize_experts is None else quantize_experts,
                 quantize_embeddings=quantize_embeddings is not False,
-                vision_tower=vision_tower, force=force, on_start=start, config=config,
+                vision_tower=vision_tower, force=force, on_start=start, config=config, adapter=adapter,
                 progress=lambda n: bar[0].update(n),
             )
         finally:
             for b in bar:
                 b.close()
     what = "MLX" if result.target == "mlx" else "official (hf)"
+    if adapter is not None:
+        what += f", adapter {adapter} fused"
     q = result.quantization
     if q:
         what += f", {q['bits']}-bit (group size {q['group_size']}: {len(q['quantized'])} module kinds quantized"

@@ -13,7 +13,7 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
 
 @click.command("train")
 @click.option("--backend", type=click.Choice(TRAIN_BACKENDS), default="cuda", show_default=True,
-              help="cuda or cpu (torch); mlx is not available yet.")
+              help="cuda or cpu (torch), or mlx (Apple silicon; full, LoRA and QLoRA fine-tuning).")
 @click.option("--stage", type=click.Choice(["1", "2"]), required=True,
               help="1: train the projector (MoE bypassed). 2: projector, MoE and LLM.")
 @click.option("--model", default=None, metavar="DIR", help="Parrot checkpoint to start from (e.g. stage 1's output).")
@@ -42,7 +42,8 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
 @click.option("--train-vision", is_flag=True, help="Unfreeze the vision tower.")
 @click.option("--no-moe", is_flag=True, help="Stage 2 without the MoE (the paper's ablation).")
 @click.option("--num-workers", type=int, default=4, show_default=True, help="Data loader worker processes.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", "--grad-checkpoint/--no-grad-checkpoint",
+              default=True, show_default=True, help="Recompute decoder layers in the backward pass (less memory).")
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
@@ -53,7 +54,19 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
               help="Shard with DeepSpeed ZeRO: a DeepSpeed config, \"auto\" fields filled from these flags "
               "(configs/zero2.json: stage 1's recipe, configs/zero3.json: stage 2's).")
 @click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (ZeRO-3 equivalent, checkpoints in DCP format).")
-def train(stage: str, **flags) -> None:
+@click.option("--save-layout", type=click.Choice(["official", "mlx"]), default="official", show_default=True,
+              help="Layout of the final model (mlx: with --backend mlx). Both load everywhere.")
+@click.option("--lora", is_flag=True, help="mlx: train LoRA adapters on a frozen base (QLoRA on a quantized one).")
+@click.option("--lora-rank", type=int, default=None, help="LoRA rank [default: 8].")
+@click.option("--lora-scale", type=float, default=None, help="LoRA scale, mlx-lm's convention [default: 20.0].")
+@click.option("--lora-alpha", type=float, default=None, help="Or PEFT's alpha: scale = alpha / rank.")
+@click.option("--lora-dropout", type=float, default=None, help="Dropout on the LoRA input [default: 0.0].")
+@click.option("--lora-targets", default=None, metavar="NAMES",
+              help="Comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (attention, mlp), "
+                   "experts (the MoE's), projector [default: attention,mlp of the LLM].")
+@click.option("--lora-layers", "--num-layers", "lora_layers", type=int, default=None,
+              help="Adapt the last N LLM layers [default: all].")
+def train(stage: str, lora_targets: str | None, **flags) -> None:
     """Train Parrot: stage 1 aligns the projector, stage 2 tunes projector, MoE and LLM.
 
     \b
@@ -64,10 +77,13 @@ def train(stage: str, **flags) -> None:
       parrot train --stage 2 --model runs/s1 ... --output runs/s2 --resume     # after an interruption
       torchrun --nproc_per_node 8 -m parrot.cli.main train --stage 2 --deepspeed configs/zero3.json ...
       deepspeed --num_gpus 8 --module parrot.cli.main train --stage 1 --deepspeed configs/zero2.json ...
+      parrot train --backend mlx --stage 2 --model parrot-4bit --lora --data mine.json --output adapters/
     """
+    from parrot.adapter import parse_targets
     from parrot.training import train as run_training
 
-    run_training(TrainConfig(stage=int(stage), **flags))
+    targets = parse_targets(lora_targets) if lora_targets is not None else None
+    run_training(TrainConfig(stage=int(stage), lora_targets=targets, **flags))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # the run is complete and its process group destroyed; skip interpreter teardown, where gloo's and
         # DeepSpeed's C++ threads can still abort the process (pytorch/pytorch#179291) after a good run

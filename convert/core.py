@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parrot.adapter import fit_base, read_adapter
 from parrot.config import DTYPES, KNOWN_VISION_TOWERS
 from parrot.errors import ParrotError
 from parrot.fsutil import atomic_output_dir
@@ -141,6 +142,19 @@ def _ensure_chat_template(directory: Path) -> None:
     (directory / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
 
 
+def _open_adapter(adapter, source: Source, notes: list[str]):
+    """(Adapter, official key -> module) checked against the source, or None."""
+    if adapter is None:
+        return None
+    lora = read_adapter(adapter)
+    ckpt = source.checkpoint
+    fit_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
+    if source.quantization:
+        _warn(f"fusing the adapter into {source.path}'s dequantized weights (the base is quantized; the fused "
+              "weights are float unless -q quantizes them again)", notes)
+    return lora, lora.official_keys()
+
+
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -156,6 +170,7 @@ def convert_checkpoint(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[Source], None] | None = None,
     config: str | Path | None = None,
+    adapter: str | Path | None = None,
 ) -> ConversionResult:
     """Converts a Parrot model (official or MLX directory, or a hub id) to `to`: "mlx" or "hf" (official).
 
@@ -169,6 +184,8 @@ def convert_checkpoint(
     SRC may also be a training checkpoint (`parrot train --deepspeed` / `--fsdp`, the `step-N` directory):
     its weights are consolidated; `config` names the directory with its config.json, tokenizer and
     preprocessor settings when the one the trainer wrote next to it (`step-N/model/`) is missing.
+    adapter: a LoRA adapter directory trained on SRC, fused into the weights (W + scale (A B)^T in
+    float32); a quantized SRC is dequantized first (the output is float unless quantize_bits is set).
     """
     t0 = time.perf_counter()
     if to not in TARGETS:
@@ -195,6 +212,7 @@ def convert_checkpoint(
         _warn(f"{source.path} holds {q.get('bits')}-bit quantized weights: they are dequantized, which does not "
               "recover the original weights (quantization is lossy)"
               + ("; quantizing them again adds a second rounding" if spec else ""), notes)
+    lora = _open_adapter(adapter, source, notes)
     target_dt = NAME_TO_NP[dtype] if dtype else None
     items, record = _plan(source, to, target_dt, spec)
     if record is not None and not record["quantized"]:
@@ -216,7 +234,10 @@ def convert_checkpoint(
                                metadata={"format": "mlx" if to == "mlx" else "pt"})
         try:
             for it in items:
-                a = _cast(it.source.read(), it.dtype, it.source.key, notes)
+                a = it.source.read()
+                if lora is not None and it.source.key in lora[1]:
+                    a = a.astype(np.float32) + lora[0].delta(lora[1][it.source.key])
+                a = _cast(a, it.dtype, it.source.key, notes)
                 if len(it.specs) == 3:
                     for s, arr in zip(it.specs, quantize(a, spec)):
                         writer.write(s.key, arr)

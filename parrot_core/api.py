@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapter import Adapter, fit_base, read_adapter
 from .batch import Request, generate_many
 from .chat import ChatSession
 from .checkpoint import Checkpoint
@@ -38,6 +39,7 @@ class ParrotModel:
         self._tokenizer: Tokenizer | None = None
         self._stop_ids: frozenset[int] | None = None
         self._images = ImageCache(size=2)  # vision outputs of the last images (generate / stream)
+        self.adapter: Adapter | None = None  # the LoRA adapter applied at load, if any
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -161,22 +163,29 @@ def load(
     backend: str = "cpu",
     dtype: str | None = None,
     vision_tower: str | Path | None = None,
+    adapter: str | Path | None = None,
 ) -> ParrotModel:
     """Loads an official-layout or MLX-layout Parrot directory (or a hub id, when online).
 
     backend: "mlx", "cpu" or "cuda". dtype: float32 / float16 / bfloat16; None keeps the
     checkpoint's torch_dtype. vision_tower: a CLIP directory or known id when `mm_vision_tower`
-    does not resolve, or when the checkpoint lacks the tower's weights.
+    does not resolve, or when the checkpoint lacks the tower's weights. adapter: a LoRA adapter
+    directory (`parrot train --lora`'s output) trained on this base: applied as LoRA layers on MLX
+    (a quantized base stays quantized), merged into the weights at load on torch.
     """
     _check_backend(backend)
     if dtype is not None and dtype not in DTYPES:
         raise ParrotError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     ckpt = Checkpoint.open(resolve_model_path(path), vision_tower)
     dtype = dtype or ckpt.config.torch_dtype
+    lora = None
+    if adapter is not None:
+        lora = read_adapter(adapter)
+        fit_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
     if backend == "mlx":
         from .backends.mlx.api import MLXParrot
 
-        return MLXParrot(ckpt, dtype)
+        return MLXParrot(ckpt, dtype, adapter=lora)
     from .backends.torch_cuda.api import TorchParrot
 
-    return TorchParrot(ckpt, dtype, device=backend)
+    return TorchParrot(ckpt, dtype, device=backend, adapter=lora)

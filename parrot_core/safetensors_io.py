@@ -303,3 +303,21 @@ def remove_weight_files(directory: str | Path) -> None:
     for p in list(d.glob("*.safetensors")) + [d / INDEX_NAME]:
         if p.exists():
             os.remove(p)
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file from in-memory numpy tensors, written to a temporary file renamed into place."""
+    from .fsutil import atomic_output_file
+
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    for k, a in arrays.items():
+        header[k] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with atomic_output_file(path, mode="wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for a in arrays.values():
+            f.write(a.reshape(-1).view(np.uint8).data)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .adapter import LORA_FIELDS, resolve_lora
 from .config import DTYPES
 from .errors import ParrotError
 
@@ -26,6 +27,7 @@ TRAJECTORY_FIELDS = (
     "stage", "model", "llm", "vision_tower", "data", "image_dir", "lr", "batch_size", "epochs",
     "max_steps", "max_length", "seed", "dtype", "train_vision", "no_moe", "warmup_ratio", "weight_decay",
     "max_grad_norm", "truncate", "num_experts", "moe_intermediate_size", "moe_weight",
+    "lora", "lora_rank", "lora_scale", "lora_dropout", "lora_targets", "lora_layers",
 )
 
 
@@ -65,6 +67,15 @@ class TrainConfig:
     # sharding: a DeepSpeed JSON config (ZeRO-2/3) or FSDP2; neither = one process, no sharding
     deepspeed: str | None = None
     fsdp: bool = False
+    # LoRA / QLoRA (--backend mlx): adapters on the LLM instead of the stage's full trainable set
+    lora: bool = False
+    lora_rank: int | None = None  # default 8
+    lora_scale: float | None = None  # mlx-lm's scale (default 20.0) ...
+    lora_alpha: float | None = None  # ... or PEFT's alpha: scale = alpha / rank
+    lora_dropout: float | None = None  # default 0.0
+    lora_targets: list[str] | None = None  # default: the LLM's attention and MLP projections
+    lora_layers: int | None = None  # adapt the last N LLM layers (mlx-lm's --num-layers); default all
+    save_layout: str = "official"  # the final model's layout; "mlx" with --backend mlx
 
     def resolved(self) -> TrainConfig:
         """A copy with the per-stage and per-backend defaults filled in, validated."""
@@ -78,6 +89,9 @@ class TrainConfig:
             grad_accum=d["grad_accum"] if self.grad_accum is None else self.grad_accum,
             dtype=self.dtype or ("bfloat16" if self.backend == "cuda" else "float32"),
         )
+        if out.lora:
+            out = replace(out, **resolve_lora(out.lora_rank, out.lora_scale, out.lora_alpha, out.lora_dropout,
+                                              out.lora_targets))
         for name in ("data", "output", "model", "llm", "vision_tower", "image_dir", "deepspeed"):
             v = getattr(out, name)
             if v is not None and Path(v).exists():  # absolute, so a resume from elsewhere compares equal
@@ -123,6 +137,31 @@ class TrainConfig:
             raise ParrotError("--deepspeed and --fsdp are two ways to shard the model: choose one")
         if self.backend == "mlx" and (self.deepspeed is not None or self.fsdp):
             raise ParrotError("--deepspeed / --fsdp shard the torch backend: use --backend cuda (or cpu)")
+
+        self._validate_lora()
+        if self.save_layout not in ("official", "mlx"):
+            raise ParrotError(f"--save-layout must be official or mlx, not {self.save_layout!r}")
+        if self.save_layout == "mlx" and self.backend != "mlx":
+            raise ParrotError("--save-layout mlx is for --backend mlx; convert a torch run's output with "
+                              "`parrot convert OUTPUT DST --to mlx`")
+
+    def _validate_lora(self) -> None:
+        given = [f"--{n.replace('_', '-')}" for n in LORA_FIELDS if getattr(self, n) is not None]
+        if not self.lora:
+            if given:
+                raise ParrotError(f"{', '.join(given)}: LoRA settings apply only with --lora (and --backend mlx)")
+            return
+        if self.backend != "mlx":
+            raise ParrotError(f"--lora trains adapters on the MLX backend only: use --backend mlx (--backend "
+                              f"{self.backend} trains the stage's full parameter set)")
+        if self.stage != 2:
+            raise ParrotError("--lora adapts the LLM in stage 2; stage 1 trains the projector only (drop --lora)")
+        if self.train_vision:
+            raise ParrotError("--train-vision trains the CLIP tower fully; it does not combine with --lora")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ParrotError(f"--lora-layers must be at least 1, not {self.lora_layers}")
+        if self.no_moe and self.lora_targets and "experts" in self.lora_targets:
+            raise ParrotError("--lora-targets experts needs the MoE; it does not combine with --no-moe")
 
     @property
     def strategy(self) -> str:

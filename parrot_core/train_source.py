@@ -38,6 +38,7 @@ class ModelSource:
     unused: Weights  # tensors the model does not hold but the export carries (CLIP's unused last layer)
     new_modules: list[str] = field(default_factory=list)  # "mm_projector", "moe_model": fresh default init
     description: str = ""
+    checkpoint: Checkpoint | None = None  # the opened --model (the MLX trainer loads quantized bases from it)
 
 
 def open_source(tc: TrainConfig) -> ModelSource:
@@ -50,8 +51,9 @@ def open_source(tc: TrainConfig) -> ModelSource:
 # ---------------------------------------------------------------- sources
 def _from_checkpoint(tc: TrainConfig) -> ModelSource:
     ckpt = Checkpoint.open(resolve_model_path(tc.model), tc.vision_tower)
-    if ckpt.quantized:
-        raise ParrotError(f"{ckpt.path}: quantized MLX weights cannot be trained on torch; dequantize them with "
+    if ckpt.quantized and not (tc.backend == "mlx" and tc.lora):
+        where = "on torch" if tc.backend != "mlx" else "fully (only LoRA adapters train on a quantized base: --lora)"
+        raise ParrotError(f"{ckpt.path}: quantized MLX weights cannot be trained {where}; dequantize them with "
                           "`parrot convert --to hf`")
     cfg = ckpt.config
     new = []
@@ -60,6 +62,9 @@ def _from_checkpoint(tc: TrainConfig) -> ModelSource:
         cfg.moe_intermediate_size, cfg.moe_top_k = tc.moe_intermediate_size, tc.num_experts
         cfg.moe_weight = tc.moe_weight
         new.append("moe_model")
+        if tc.lora and tc.use_moe:
+            raise ParrotError(f"{ckpt.path} has no MoE weights: with --lora the MoE would stay frozen at a random "
+                              "init that the adapter does not save. Train stage 2 fully first, or add --no-moe.")
 
     def unused() -> Iterator[tuple[str, np.ndarray]]:
         for k in ckpt.files.keys():
@@ -72,7 +77,7 @@ def _from_checkpoint(tc: TrainConfig) -> ModelSource:
                 yield ok, a
 
     return ModelSource(cfg, ckpt.tower, ckpt.path, lambda: ckpt.iter_official(used_only=True), unused, new,
-                       f"Parrot checkpoint {ckpt.path}")
+                       f"Parrot checkpoint {ckpt.path}", checkpoint=ckpt)
 
 
 def _from_llm(tc: TrainConfig) -> ModelSource:

@@ -64,6 +64,8 @@ def _check_resume(tc: TrainConfig, latest: Path, world_size: int) -> None:
                     f"{tc.grad_accum} x {world_size}")
     if saved.strategy != tc.strategy:
         diff.append(f"sharding {saved.strategy} -> {tc.strategy} (the checkpoint's format is {saved.strategy}'s)")
+    if (saved.backend == "mlx") != (tc.backend == "mlx"):
+        diff.append(f"backend {saved.backend!r} -> {tc.backend!r} (MLX and torch checkpoints differ)")
     if diff:
         raise ParrotError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(diff)}). "
                           "Resume with the same flags (--grad-accum may change with the number of processes if "
@@ -110,7 +112,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
 
 def _check_backend(tc: TrainConfig) -> None:
     if tc.backend == "mlx":
-        raise ParrotError("parrot train --backend mlx is not available yet; use --backend cpu or cuda")
+        return _check_mlx(tc)
     if importlib.util.find_spec("torch") is None:
         raise ParrotError(f"--backend {tc.backend} needs PyTorch, which is not installed: "
                           "pip install 'parrot-vlm[torch]'")
@@ -123,6 +125,16 @@ def _check_backend(tc: TrainConfig) -> None:
         raise ParrotError("--deepspeed needs DeepSpeed, which is not installed: pip install 'parrot-vlm[deepspeed]'")
 
 
+def _check_mlx(tc: TrainConfig) -> None:
+    if tc.deepspeed is not None or tc.fsdp:
+        raise ParrotError("--deepspeed / --fsdp shard torch training; --backend mlx trains in one process")
+    from .api import _import_error
+
+    if err := _import_error("mlx.core", "mlx_lm"):
+        raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
+                          "pip install 'parrot-vlm[mlx]'")
+
+
 def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:
     """Runs (or, with `resume`, continues) a training run; returns the output directory, which then
     holds the final consolidated model (the next stage's `--model`).
@@ -131,6 +143,9 @@ def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True)
     """
     _check_backend(tc)
     prepared = prepare_run(tc, progress)
-    from .backends.torch_cuda.train.loop import run_training
+    if tc.backend == "mlx":
+        from .backends.mlx.train.loop import run_training
+    else:
+        from .backends.torch_cuda.train.loop import run_training
 
     return run_training(prepared, stop_after=stop_after, progress=progress)

@@ -124,7 +124,6 @@ def test_resume_with_other_settings_is_refused(two_stages, dataset):
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (("--backend", "mlx"), ("--backend mlx", "not available yet")),
 ])
 def test_options_of_later_issues_fail_cleanly(tmp_path, tiny_ckpt, dataset, extra, needles):
     data, images = dataset

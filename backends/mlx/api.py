@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from parrot.adapter import Adapter
 from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
 from parrot.generation import SamplingParams
@@ -15,15 +16,19 @@ from parrot.generation import SamplingParams
 from .batch import generate_tokens_batch
 from .generate import generate_tokens
 from .loading import MX_DTYPES, load_mlx_model
+from .lora import apply_adapter
 
 
 class MLXParrot(ParrotModel):
     backend = "mlx"
 
-    def __init__(self, checkpoint: Checkpoint, dtype: str):
+    def __init__(self, checkpoint: Checkpoint, dtype: str, adapter: Adapter | None = None):
         super().__init__(checkpoint, dtype)
         self.mx_dtype = MX_DTYPES[dtype]
         self.model = load_mlx_model(checkpoint, dtype)
+        if adapter is not None:
+            apply_adapter(self.model, adapter)
+            self.adapter = adapter
 
     def image_features(self, pixels: np.ndarray | None) -> mx.array | None:
         """CLIP + projector output H_v [1, N, C] for preprocessed pixels (cacheable per image)."""

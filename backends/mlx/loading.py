@@ -31,7 +31,7 @@ def to_np(a: mx.array) -> np.ndarray:
     return np.array(a)
 
 
-def _mlx_weights(ckpt: Checkpoint) -> dict[str, mx.array]:
+def mlx_weights(ckpt: Checkpoint) -> dict[str, mx.array]:
     """Used tensors, in MLX names, from either layout (MLX files through mx.load: quantized ok)."""
     used = ckpt.manifest.required
     out: dict[str, mx.array] = {}
@@ -70,7 +70,7 @@ def quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict
 
 def load_mlx_model(ckpt: Checkpoint, dtype: str = "float32") -> Model:
     model = Model(ckpt.config, ckpt.tower.config)
-    weights = _mlx_weights(ckpt)
+    weights = mlx_weights(ckpt)
     weights = {k: v for k, v in weights.items()
                if not (ckpt.config.tie_word_embeddings and k == "language_model.lm_head.weight")}
     if ckpt.quantized:

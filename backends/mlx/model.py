@@ -7,13 +7,15 @@ keys (parrot.layout): language_model.*, vision_tower.vision_model.*, mm_projecto
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models import qwen2
 
 from parrot.config import ParrotConfig, VisionConfig
-from parrot.constants import IMAGE_TOKEN_INDEX
+from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 _ACT = {
     "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
@@ -175,6 +177,53 @@ class MultilingualMoE(nn.Module):
         return out
 
 
+@dataclass
+class BatchPlan:
+    """Where each token of a right-padded batch lands once the visual tokens are spliced in (numpy).
+
+    The source of output position (b, j) is `gather[b, j]` in the flat concatenation
+    [text embeddings (B*T) | visual tokens of the image rows (K*N) | one zero row (padding)]."""
+
+    text_ids: np.ndarray  # [B, T] ids, the placeholder and padding replaced by 0
+    context: np.ndarray  # [B, T] bool: the MoE's text context (valid text tokens whose label is ignored)
+    image_rows: np.ndarray  # [K] rows that hold a placeholder
+    gather: np.ndarray  # [B, T'] int32
+    labels: np.ndarray | None  # [B, T'] after splicing and truncation
+    lengths: np.ndarray  # [B] valid length of each row
+
+
+def plan_batch(
+    input_ids: np.ndarray, attention_mask: np.ndarray | None, labels: np.ndarray | None, num_visual: int,
+    max_length: int | None = None,
+) -> BatchPlan:
+    """The splice of backends/torch_cuda/model.py (right padding, truncation after splicing) as indices."""
+    B, T = input_ids.shape
+    valid = np.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    is_img = (input_ids == IMAGE_TOKEN_INDEX) & valid
+    text = valid & ~is_img
+    context = text if labels is None else text & (labels == IGNORE_INDEX)
+    rows = np.flatnonzero(is_img.any(1))
+    width = np.where(is_img, num_visual, 1) * valid
+    start = np.cumsum(width, 1) - width
+    lengths = width.sum(1)
+    T2 = int(lengths.max())
+    if max_length is not None:
+        T2 = min(T2, max_length)
+        lengths = np.minimum(lengths, T2)
+    zero_row = B * T + len(rows) * num_visual
+    gather = np.full((B, T2), zero_row, np.int64)
+    new_labels = None if labels is None else np.full((B, T2), IGNORE_INDEX, labels.dtype)
+    b, t = np.nonzero(text & (start < T2))
+    gather[b, start[b, t]] = b * T + t
+    if new_labels is not None:
+        new_labels[b, start[b, t]] = labels[b, t]
+    for k, r in enumerate(rows):
+        p = int(np.flatnonzero(is_img[r])[0])
+        n = max(0, min(num_visual, T2 - start[r, p]))
+        gather[r, start[r, p]:start[r, p] + n] = B * T + k * num_visual + np.arange(n)
+    return BatchPlan(np.where(text, input_ids, 0), context, rows, gather.astype(np.int32), new_labels, lengths)
+
+
 class Model(nn.Module):
     def __init__(self, cfg: ParrotConfig, vision: VisionConfig):
         super().__init__()
@@ -222,6 +271,27 @@ class Model(nn.Module):
         ctx = [i != IMAGE_TOKEN_INDEX and (text_mask is None or text_mask[j]) for j, i in enumerate(input_ids)]
         visual = self.apply_moe(tok, mx.array(ctx)[None], image_features, experts)
         return mx.concatenate([tok[:, :p], visual.astype(tok.dtype), tok[:, p + 1:]], axis=1)
+
+    def splice_batch(self, plan: BatchPlan, image_features: mx.array | None) -> mx.array:
+        """[B, T', C] input embeddings of a planned batch; image_features [K, N, C] (before the MoE)
+        are those of `plan.image_rows`. Padding positions are zeros."""
+        tok = self.embed_tokens(mx.array(plan.text_ids))  # [B, T, C]
+        B, T, C = tok.shape
+        parts = [tok.reshape(B * T, C)]
+        if len(plan.image_rows):
+            rows = mx.array(plan.image_rows)
+            visual = self.apply_moe(tok[rows], mx.array(plan.context[plan.image_rows]), image_features)
+            parts.append(visual.reshape(-1, C).astype(tok.dtype))
+        parts.append(mx.zeros((1, C), tok.dtype))
+        return mx.concatenate(parts)[mx.array(plan.gather)]
+
+    def hidden_states(self, inputs_embeds: mx.array) -> mx.array:
+        """Final-norm hidden states [B, T, C], causal attention (right padding needs no other mask)."""
+        return self.language_model.model(None, input_embeddings=inputs_embeds)
+
+    def lm_logits(self, h: mx.array) -> mx.array:
+        lm = self.language_model
+        return lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
 
     def __call__(self, inputs_embeds: mx.array, cache=None) -> mx.array:
         """Logits [B, T, V] from input embeddings (mlx-lm's Qwen2 with its KV cache)."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from parrot.adapter import Adapter
 from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
 from parrot.generation import SamplingParams, process_peak_rss
@@ -17,12 +18,13 @@ from .loading import TORCH_DTYPES, load_torch_model
 
 
 class TorchParrot(ParrotModel):
-    def __init__(self, checkpoint: Checkpoint, dtype: str, device: str = "cpu"):
+    def __init__(self, checkpoint: Checkpoint, dtype: str, device: str = "cpu", adapter: Adapter | None = None):
         super().__init__(checkpoint, dtype)
         self.backend = device
         self.device = torch.device(device)
         self.torch_dtype = TORCH_DTYPES[dtype]
-        self.model = load_torch_model(checkpoint, device, dtype)
+        self.model = load_torch_model(checkpoint, device, dtype, adapter=adapter)
+        self.adapter = adapter
 
     def pixels_to_torch(self, pixels: np.ndarray | None) -> torch.Tensor | None:
         if pixels is None:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
+from parrot.adapter import Adapter, fuse_official
 from parrot.checkpoint import Checkpoint
 from parrot.config import ParrotConfig, VisionConfig
 from parrot.errors import ParrotError
@@ -50,12 +51,15 @@ def empty_model(cfg: ParrotConfig, vision: VisionConfig, device: str | torch.dev
     return model
 
 
-def load_torch_model(ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32") -> ParrotForCausalLM:
+def load_torch_model(ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32",
+                     adapter: Adapter | None = None) -> ParrotForCausalLM:
+    """The model in `dtype`; a LoRA adapter is merged into the weights (W + scale (A B)^T, in float32)."""
     tdtype = TORCH_DTYPES[dtype]
     model = empty_model(ckpt.config, ckpt.tower.config, device, tdtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
-    for key, arr in ckpt.iter_official(used_only=True):
+    weights = ckpt.iter_official(used_only=True)
+    for key, arr in (weights if adapter is None else fuse_official(weights, adapter)):
         if key not in params:
             continue  # e.g. lm_head of a tied model
         p = params[key]

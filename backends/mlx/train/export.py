@@ -1,0 +1,98 @@
+"""What an MLX run leaves in its output directory at the end.
+
+Full fine-tuning: the consolidated model in the official layout (config, safetensors, tokenizer,
+preprocessor settings), exactly what the torch trainer exports: the next stage's `--model`, loadable
+by `parrot.load` on every backend. With `save_layout="mlx"` the weights use the MLX layout instead
+(also a valid `--model`). LoRA: `adapters.safetensors` + `adapter_config.json` (the base untouched).
+Files are written into a temporary directory and moved in with config.json last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from mlx.utils import tree_flatten
+
+from parrot.adapter import adapter_config, save_adapter
+from parrot.hub import is_hub_id
+from parrot.layout import (
+    mlx_to_official_array,
+    mlx_to_official_key,
+    mlx_to_official_shape,
+    official_to_mlx_array,
+    official_to_mlx_key,
+    official_to_mlx_shape,
+)
+from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec, remove_weight_files
+from parrot.tokenizer import copy_tokenizer_files
+from parrot.train_config import TrainConfig
+from parrot.train_source import ModelSource
+
+from ..loading import to_np
+from ..lora import lora_weights
+from ..model import Model
+
+
+def _tensors(model: Model, src: ModelSource, dtype: np.dtype, layout: str) -> list[tuple[TensorSpec, Callable]]:
+    """(spec, read) per output tensor, in `layout`: the model's parameters, then CLIP's unused ones."""
+    out = []
+    for k, v in tree_flatten(model.parameters()):
+        ok = mlx_to_official_key(k)
+        if layout == "mlx":
+            out.append((TensorSpec(k, dtype, tuple(v.shape)), lambda v=v: to_np(v).astype(dtype)))
+        else:
+            out.append((TensorSpec(ok, dtype, mlx_to_official_shape(ok, tuple(v.shape))),
+                        lambda v=v, ok=ok: mlx_to_official_array(ok, to_np(v)).astype(dtype)))
+    for ok, a in src.unused():
+        a = a.astype(dtype)
+        if layout == "mlx":
+            out.append((TensorSpec(official_to_mlx_key(ok), dtype, official_to_mlx_shape(ok, a.shape)),
+                        lambda a=a, ok=ok: official_to_mlx_array(ok, a)))
+        else:
+            out.append((TensorSpec(ok, dtype, tuple(a.shape)), lambda a=a: a))
+    return out
+
+
+def export_model(model: Model, src: ModelSource, out: Path, dtype: str, max_length: int,
+                 layout: str = "official", max_shard_bytes: int = 5 * 1024**3) -> None:
+    """The trained model into `out` (official or MLX layout), in `dtype`; one tensor in memory at a time."""
+    tmp = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out))
+    try:
+        tensors = _tensors(model, src, NAME_TO_NP[dtype], layout)
+        writer = ShardedWriter(tmp, [s for s, _ in tensors], max_shard_bytes,
+                               metadata={"format": "mlx" if layout == "mlx" else "pt"})
+        for spec, read in tensors:
+            writer.write(spec.key, read())
+        writer.close()
+        copy_tokenizer_files(src.tokenizer_dir, tmp)
+        src.tower.image.save(tmp)
+        cfg = src.config
+        cfg.torch_dtype = dtype
+        cfg.vision_config = src.tower.config
+        cfg.quantization = None
+        if src.tower.directory is not None and not is_hub_id(str(cfg.mm_vision_tower)):
+            cfg.mm_vision_tower = str(src.tower.directory.resolve())  # a relative tower path would not resolve
+        cfg.extra.update(tokenizer_model_max_length=max_length, use_cache=True)
+        cfg.save(tmp, layout="mlx")  # official layout + the resolved vision_config (official readers ignore it)
+        (out / "config.json").unlink(missing_ok=True)  # the model is incomplete until config.json is back
+        remove_weight_files(out)
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_adapter(model: Model, src: ModelSource, tc: TrainConfig, modules: list[str], out: Path,
+                   steps: int) -> None:
+    """adapters.safetensors + adapter_config.json (mlx-lm's names) into `out`."""
+    weights = {k: to_np(v).astype(np.float32) for k, v in lora_weights(model).items()}
+    base = str(src.checkpoint.path if src.checkpoint is not None else tc.model)
+    cfg = adapter_config(tc.lora_rank, tc.lora_scale, tc.lora_dropout, tc.lora_alpha, tc.lora_targets, modules,
+                         src.config, base, tc.lora_layers,
+                         extra={"stage": tc.stage, "use_moe": tc.use_moe, "trained_steps": steps})
+    save_adapter(out, cfg, weights)

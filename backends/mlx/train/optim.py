@@ -1,0 +1,59 @@
+"""AdamW and gradient clipping with torch's exact semantics, on MLX trees.
+
+mlx.optimizers.AdamW differs from torch.optim.AdamW (what the torch backend and the official code
+use) in its defaults (no bias correction, weight decay 0.01), computes the bias corrections in
+float32 (b ** step on the device), decays every parameter, and updates m as b1 m + (1 - b1) g
+where torch lerps. This one follows torch's single-tensor AdamW step by step: decay (matrices
+only, as the torch backend's parameter groups), m lerp, v, bias corrections in float64 on the host,
+p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). betas (0.9, 0.999), eps 1e-8 (transformers'
+adamw_torch defaults).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+from mlx.optimizers import Optimizer
+from mlx.utils import tree_flatten, tree_map
+
+
+class TorchAdamW(Optimizer):
+    def __init__(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__()
+        self.lr = lr  # set before each step (the schedule lives in the trainer)
+        self.weight_decay = weight_decay
+        self.betas = betas
+        self.eps = eps
+        self.num_steps = 0  # host copy of the step count (bias corrections in float64)
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        state["m"] = mx.zeros_like(parameter)
+        state["v"] = mx.zeros_like(parameter)
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        self.num_steps += 1
+        return super().apply_gradients(gradients, parameters)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        b1, b2 = self.betas
+        t = self.num_steps
+        if self.weight_decay and parameter.ndim >= 2:
+            parameter = parameter * (1.0 - self.lr * self.weight_decay)
+        m = state["m"] + (1.0 - b1) * (gradient - state["m"])
+        v = b2 * state["v"] + (1.0 - b2) * gradient * gradient
+        state["m"], state["v"] = m, v
+        step_size = self.lr / (1.0 - b1**t)
+        denom = mx.sqrt(v) / math.sqrt(1.0 - b2**t) + self.eps
+        return parameter - step_size * (m / denom)
+
+
+def clip_grad_norm(grads: dict, max_norm: float | None) -> tuple[dict, mx.array]:
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); returns the pre-clip norm."""
+    leaves = [g for _, g in tree_flatten(grads)]
+    total = mx.sqrt(sum((mx.sqrt(mx.sum(g.astype(mx.float32) ** 2)) ** 2 for g in leaves), mx.array(0.0)))
+    if max_norm is None:
+        return grads, total
+    coef = mx.minimum(max_norm / (total + 1e-6), 1.0)
+    return tree_map(lambda g: g * coef.astype(g.dtype), grads), total

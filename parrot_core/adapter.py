@@ -1,0 +1,242 @@
+"""LoRA adapters, backend-agnostic: the `--lora-*` settings, the modules they adapt, the adapter
+directory (`adapters.safetensors` + `adapter_config.json`, mlx-lm's file names and fields), the
+checks against a base model, and the fused weights W + scale * (A B)^T in numpy.
+
+An adapted module is a Linear `y = x W^T + scale * (x A) B` with A [in, r] and B [r, out]
+(mlx-lm's LoRALinear). Adapter tensors are named `<MLX module path>.lora_a|lora_b`, so a module's
+official weight key is `mlx_to_official_key(path + ".weight")`. The MLX backend applies adapters
+as LoRA layers (a quantized base stays quantized); the torch backend and `parrot convert
+--fuse-adapter` add the delta to the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ParrotError
+from .layout import mlx_to_official_key
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+FORMAT_VERSION = 1
+LORA_FIELDS = ("lora_rank", "lora_scale", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")
+DEFAULT_RANK, DEFAULT_SCALE, DEFAULT_DROPOUT = 8, 20.0, 0.0  # mlx-lm's defaults
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+TARGETS = (*ATTENTION, *MLP, "experts", "projector")
+ALIASES = {"attention": ATTENTION, "attn": ATTENTION, "mlp": MLP}
+DEFAULT_TARGETS = [*ATTENTION, *MLP]
+# the base's dimensions an adapter records and must find again
+BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "vocab_size", "mm_hidden_size", "num_experts", "moe_intermediate_size")
+
+
+# ---------------------------------------------------------------- settings
+def parse_targets(targets: Iterable[str] | str | None) -> list[str]:
+    """Target names (comma-separated or a list; `attention` / `mlp` expand), in canonical order."""
+    if targets is None:
+        return list(DEFAULT_TARGETS)
+    items = targets.split(",") if isinstance(targets, str) else [t for x in targets for t in str(x).split(",")]
+    names: set[str] = set()
+    for t in (x.strip() for x in items):
+        if not t:
+            continue
+        if t in ALIASES:
+            names.update(ALIASES[t])
+        elif t in TARGETS:
+            names.add(t)
+        else:
+            raise ParrotError(f"--lora-targets: unknown target {t!r}; choose from {', '.join(TARGETS)} "
+                              "(or attention, mlp)")
+    if not names:
+        raise ParrotError("--lora-targets is empty; name at least one module (e.g. q_proj,v_proj)")
+    return [t for t in TARGETS if t in names]
+
+
+def resolve_lora(rank: int | None, scale: float | None, alpha: float | None, dropout: float | None,
+                 targets: Iterable[str] | str | None) -> dict[str, Any]:
+    """The LoRA settings with mlx-lm's defaults (rank 8, scale 20, dropout 0), validated.
+
+    `alpha` (PEFT's convention) sets scale = alpha / rank; giving both disagreeing values is an error."""
+    rank = DEFAULT_RANK if rank is None else int(rank)
+    if rank < 1:
+        raise ParrotError(f"--lora-rank must be at least 1, not {rank}")
+    if alpha is not None:
+        if scale is not None and abs(scale - alpha / rank) > 1e-12 * max(1.0, abs(scale)):
+            raise ParrotError("give --lora-scale (mlx-lm: the factor itself) or --lora-alpha (PEFT: scale = "
+                              "alpha / rank), not both")
+        scale = alpha / rank
+    scale = DEFAULT_SCALE if scale is None else float(scale)
+    dropout = DEFAULT_DROPOUT if dropout is None else float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ParrotError(f"--lora-dropout must be in [0, 1), not {dropout}")
+    return {"lora_rank": rank, "lora_scale": scale, "lora_alpha": alpha, "lora_dropout": dropout,
+            "lora_targets": parse_targets(targets)}
+
+
+def target_modules(cfg, targets: Iterable[str], num_layers: int | None = None) -> list[str]:
+    """MLX module paths the targets name on a model with config `cfg` (a ParrotConfig): the last
+    `num_layers` LLM layers (all when None), the MoE experts, the projector's linear layers."""
+    targets = list(targets)
+    n = cfg.num_hidden_layers
+    first = 0 if num_layers is None else max(0, n - num_layers)
+    paths = []
+    for i in range(first, n):
+        for t in targets:
+            if t in ATTENTION:
+                paths.append(f"language_model.model.layers.{i}.self_attn.{t}")
+            elif t in MLP:
+                paths.append(f"language_model.model.layers.{i}.mlp.{t}")
+    if "experts" in targets:
+        if not cfg.moe_active:
+            raise ParrotError("--lora-targets experts: this model runs without the MoE (stage 1 or --no-moe)")
+        paths += [f"moe_model.experts.{e}.{p}" for e in range(cfg.num_experts) for p in MLP]
+    if "projector" in targets:
+        paths += [f"mm_projector.{2 * i}" for i in range(cfg.projector_depth)]
+    return paths
+
+
+# ---------------------------------------------------------------- the adapter directory
+@dataclass
+class Adapter:
+    path: Path
+    rank: int
+    scale: float
+    dropout: float
+    modules: list[str]  # MLX module paths
+    weights: dict[str, np.ndarray]  # "<path>.lora_a" [in, r], "<path>.lora_b" [r, out], float32
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json as read
+
+    @property
+    def use_moe(self) -> bool | None:
+        """Whether the adapter was trained with the MoE active (None: not recorded)."""
+        return self.config.get("parrot", {}).get("use_moe")
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.config.get("parrot", {}).get("base", {})
+
+    def official_keys(self) -> dict[str, str]:
+        """Official weight key -> module path, for every adapted module."""
+        return {mlx_to_official_key(f"{m}.weight"): m for m in self.modules}
+
+    def delta(self, module: str) -> np.ndarray:
+        """scale * (A B)^T: float32 [out, in], what the adapter adds to the module's weight."""
+        a = self.weights[f"{module}.lora_a"].astype(np.float32)
+        b = self.weights[f"{module}.lora_b"].astype(np.float32)
+        return (np.float32(self.scale) * (a @ b)).T
+
+
+def adapter_config(rank: int, scale: float, dropout: float, alpha: float | None, targets: list[str],
+                   modules: list[str], base_cfg, base_path: str, num_layers: int | None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """mlx-lm's adapter_config.json fields, plus what rebuilding the adapter on a base needs."""
+    keys = sorted({m.split(".", 4)[4] for m in modules if m.startswith("language_model.model.layers.")})
+    layers = {int(m.split(".")[3]) for m in modules if m.startswith("language_model.model.layers.")}
+    return {
+        "fine_tune_type": "lora",
+        "model": base_path,
+        "num_layers": num_layers if num_layers is not None else len(layers),
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys},
+        "parrot": {
+            "format": FORMAT_VERSION, "alpha": alpha, "targets": targets, "modules": modules,
+            "base": {k: getattr(base_cfg, k) for k in BASE_FIELDS},
+            "base_quantization": base_cfg.quantization, **(extra or {}),
+        },
+    }
+
+
+def save_adapter(directory: Path, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    """Writes adapters.safetensors, then adapter_config.json, into `directory` (each atomically)."""
+    from .fsutil import atomic_output_file
+    from .safetensors_io import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.asarray(v, dtype=np.float32) for k, v in sorted(weights.items())}, directory / ADAPTER_WEIGHTS,
+              metadata={"format": "mlx"})
+    with atomic_output_file(directory / ADAPTER_CONFIG) as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """An adapter directory, validated (config fields, tensor names, pairs and ranks)."""
+    from .safetensors_io import SafetensorsFile
+
+    d = Path(path)
+    if not d.is_dir():
+        raise ParrotError(f"--adapter {d}: not found (expected a directory with {ADAPTER_CONFIG} and "
+                          f"{ADAPTER_WEIGHTS}, e.g. the --output of `parrot train --lora`)")
+    cfg_path = d / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise ParrotError(f"--adapter {d}: no {ADAPTER_CONFIG} (is it a LoRA adapter directory?)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        lp = cfg["lora_parameters"]
+        rank, scale, dropout = int(lp["rank"]), float(lp["scale"]), float(lp.get("dropout", 0.0))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ParrotError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise ParrotError(f"{cfg_path}: missing or malformed field {e} (lora_parameters needs rank and "
+                          "scale)") from None
+    if cfg.get("fine_tune_type", "lora") != "lora":
+        raise ParrotError(f"{cfg_path}: fine_tune_type {cfg.get('fine_tune_type')!r}; only LoRA adapters apply")
+    wpath = d / ADAPTER_WEIGHTS
+    if not wpath.is_file():
+        raise ParrotError(f"--adapter {d}: no {ADAPTER_WEIGHTS}")
+    weights = SafetensorsFile(wpath).read_all()
+    modules = sorted({k.rsplit(".", 1)[0] for k in weights})
+    for m in modules:
+        a, b = weights.get(f"{m}.lora_a"), weights.get(f"{m}.lora_b")
+        if a is None or b is None or len(weights) != 2 * len(modules):
+            raise ParrotError(f"{wpath}: tensors must come in <module>.lora_a / <module>.lora_b pairs ({m})")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != rank or b.shape[0] != rank:
+            raise ParrotError(f"{wpath}: {m} has lora_a {a.shape} and lora_b {b.shape}, not rank {rank}")
+        try:
+            mlx_to_official_key(f"{m}.weight")
+        except ParrotError:
+            raise ParrotError(f"{wpath}: {m} is not a Parrot module") from None
+    if not modules:
+        raise ParrotError(f"{wpath}: holds no adapter tensors")
+    return Adapter(d, rank, scale, dropout, modules, weights, cfg)
+
+
+def fit_base(adapter: Adapter, cfg, shapes: dict[str, tuple[int, ...]], model: str) -> None:
+    """Refuses a base whose dimensions or module shapes differ from the adapter's base, and runs
+    the base's MoE as the adapter was trained (`cfg.use_moe` set from the adapter's record).
+
+    shapes: official key -> float shape of the base (its manifest)."""
+    where = f"--adapter {adapter.path} does not fit --model {model}"
+    if adapter.use_moe is not None:
+        if adapter.use_moe and not cfg.has_moe:
+            raise ParrotError(f"{where}: the adapter was trained with the MoE, this model has no MoE weights")
+        cfg.use_moe = bool(adapter.use_moe)
+    for k, v in adapter.base.items():
+        if k in BASE_FIELDS and getattr(cfg, k, None) != v:
+            raise ParrotError(f"{where}: the adapter was trained on a base with {k} {v}, this model has "
+                              f"{getattr(cfg, k, None)}. Use the base it was trained on "
+                              f"({adapter.config.get('model')}).")
+    for key, m in adapter.official_keys().items():
+        if m.startswith("moe_model.") and not cfg.moe_active:
+            raise ParrotError(f"{where}: the adapter adapts the MoE experts but this model runs without the MoE")
+        shape = shapes.get(key)
+        a, b = adapter.weights[f"{m}.lora_a"], adapter.weights[f"{m}.lora_b"]
+        if shape is None or tuple(shape) != (b.shape[1], a.shape[0]):
+            raise ParrotError(f"{where}: {m} needs a weight of shape {(b.shape[1], a.shape[0])}, the model has "
+                              f"{None if shape is None else tuple(shape)}")
+
+
+def fuse_official(tensors: Iterable[tuple[str, np.ndarray]], adapter: Adapter) -> Iterator[tuple[str, np.ndarray]]:
+    """Official-layout tensors with the adapter's deltas added (in float32, then cast back)."""
+    keys = adapter.official_keys()
+    for k, a in tensors:
+        m = keys.get(k)
+        if m is not None:
+            a = (a.astype(np.float32) + adapter.delta(m)).astype(a.dtype)
+        yield k, a
