@@ -9,6 +9,7 @@ default init (the official code uses torch's). Stage 1 bypasses the MoE (`use_mo
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from .errors import ParrotError
 from .hub import download, is_hub_id, resolve_model_path
 from .layout import OFFICIAL_VISION, mlx_to_official_array, mlx_to_official_key, tower_to_official_key
 from .manifest import Manifest, build_manifest, validate
-from .safetensors_io import CheckpointFiles
-from .tokenizer import Tokenizer
+from .safetensors_io import CheckpointFiles, remove_weight_files
+from .tokenizer import Tokenizer, copy_tokenizer_files
 from .tower import ResolvedTower, resolve_vision_tower
 from .train_config import TrainConfig
 
@@ -143,3 +144,29 @@ def _part(m: Manifest, llm: bool) -> Manifest:
         is_llm = not is_vision and not k.startswith(("model.mm_projector.", "model.moe_model."))
         return is_llm if llm else is_vision
     return Manifest({k: s for k, s in m.required.items() if keep(k)}, {k: s for k, s in m.optional.items() if keep(k)})
+
+
+def write_model_description(src: ModelSource, directory: Path, dtype: str, max_length: int) -> None:
+    """Everything of a model directory but the weights: config.json (official layout plus the resolved
+    vision_config), tokenizer files, preprocessor settings. Both backends' exports write it; sharded
+    checkpoints carry it in `model/`, so `parrot convert` can turn them into a model directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer_files(src.tokenizer_dir, directory)
+    src.tower.image.save(directory)
+    cfg = src.config
+    cfg.torch_dtype = dtype
+    cfg.vision_config = src.tower.config
+    cfg.quantization = None
+    if src.tower.directory is not None and not is_hub_id(str(cfg.mm_vision_tower)):
+        cfg.mm_vision_tower = str(src.tower.directory.resolve())  # a relative tower path would not resolve
+    cfg.extra.update(tokenizer_model_max_length=max_length, use_cache=True)
+    cfg.save(directory, layout="mlx")  # official layout + the resolved vision_config (official readers ignore it)
+
+
+def move_model_into(tmp: Path, out: Path) -> None:
+    """Moves an exported model from `tmp` into `out`, config.json last: a directory with a config.json is
+    always complete."""
+    (out / "config.json").unlink(missing_ok=True)
+    remove_weight_files(out)
+    for p in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(p, out / p.name)

@@ -9,7 +9,6 @@ Files are written into a temporary directory and moved in with config.json last.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,7 +18,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from parrot.adapter import adapter_config, save_adapter
-from parrot.hub import is_hub_id
 from parrot.layout import (
     mlx_to_official_array,
     mlx_to_official_key,
@@ -28,10 +26,9 @@ from parrot.layout import (
     official_to_mlx_key,
     official_to_mlx_shape,
 )
-from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec, remove_weight_files
-from parrot.tokenizer import copy_tokenizer_files
+from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
 from parrot.train_config import TrainConfig
-from parrot.train_source import ModelSource
+from parrot.train_source import ModelSource, move_model_into, write_model_description
 
 from ..loading import to_np
 from ..lora import lora_weights
@@ -69,20 +66,8 @@ def export_model(model: Model, src: ModelSource, out: Path, dtype: str, max_leng
         for spec, read in tensors:
             writer.write(spec.key, read())
         writer.close()
-        copy_tokenizer_files(src.tokenizer_dir, tmp)
-        src.tower.image.save(tmp)
-        cfg = src.config
-        cfg.torch_dtype = dtype
-        cfg.vision_config = src.tower.config
-        cfg.quantization = None
-        if src.tower.directory is not None and not is_hub_id(str(cfg.mm_vision_tower)):
-            cfg.mm_vision_tower = str(src.tower.directory.resolve())  # a relative tower path would not resolve
-        cfg.extra.update(tokenizer_model_max_length=max_length, use_cache=True)
-        cfg.save(tmp, layout="mlx")  # official layout + the resolved vision_config (official readers ignore it)
-        (out / "config.json").unlink(missing_ok=True)  # the model is incomplete until config.json is back
-        remove_weight_files(out)
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            os.replace(p, out / p.name)
+        write_model_description(src, tmp, dtype, max_length)
+        move_model_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

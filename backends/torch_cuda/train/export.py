@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from parrot.hub import is_hub_id
-from parrot.safetensors_io import INDEX_NAME, remove_weight_files
-from parrot.tokenizer import copy_tokenizer_files
-from parrot.train_source import ModelSource
+from parrot.safetensors_io import INDEX_NAME
+from parrot.train_source import ModelSource, move_model_into, write_model_description
 
 from ..loading import TORCH_DTYPES, to_torch
 from .strategy import Strategy
@@ -79,31 +77,7 @@ def export_model(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         write_model_description(src, tmp, dtype, max_length)
-        _move_into(tmp, out)
+        move_model_into(tmp, out)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_model_description(src: ModelSource, directory: Path, dtype: str, max_length: int) -> None:
-    """Everything of a model directory but the weights: config.json (official layout plus the resolved
-    vision_config), tokenizer files, preprocessor settings. Sharded checkpoints carry it in `model/`,
-    so `parrot convert` can turn them into a model directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(src.tokenizer_dir, directory)
-    src.tower.image.save(directory)
-    cfg = src.config
-    cfg.torch_dtype = dtype
-    cfg.vision_config = src.tower.config
-    cfg.quantization = None
-    if src.tower.directory is not None and not is_hub_id(str(cfg.mm_vision_tower)):
-        cfg.mm_vision_tower = str(src.tower.directory.resolve())  # a relative tower path would not resolve
-    cfg.extra.update(tokenizer_model_max_length=max_length, use_cache=True)
-    cfg.save(directory, layout="mlx")  # official layout + the resolved vision_config (official readers ignore it)
-
-
-def _move_into(tmp: Path, out: Path) -> None:
-    (out / "config.json").unlink(missing_ok=True)  # the model is incomplete until config.json is back
-    remove_weight_files(out)
-    for p in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-        os.replace(p, out / p.name)

@@ -20,6 +20,7 @@ from parrot.errors import ParrotError
 from parrot.run_dir import STATE_NAME, host_rng_state, read_json, set_host_rng_state, write_json
 from parrot.schedule import StepPlan, warmup_steps
 from parrot.train_config import TrainConfig
+from parrot.train_source import write_model_description
 from parrot.training import PreparedRun
 
 from ..loading import TORCH_DTYPES
@@ -27,7 +28,7 @@ from ..model import causal_lm_loss_sum
 from .build import build_model, enable_activation_checkpointing, set_trainable, trainable_summary
 from .data import micro_batch_loader
 from .dist import local_device
-from .export import MODEL_DIR, export_model, write_model_description
+from .export import MODEL_DIR, export_model
 from .state import load_rng, save_rng
 from .strategy import OptimSpec, SingleProcess, Strategy
 
