@@ -305,3 +305,16 @@ def _run(model, ids, pixels, params, kv, images, stop, result, t0) -> Iterator[s
     result.text = detok.text
     if tail:
         yield tail
+
+
+def advance_rows(rows: list[int], tokens: list[int], counts: list[int], params: list[SamplingParams],
+                 stop: frozenset[int] | set[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """One decode step of a batch: counts each row's new token; returns the (row, token) pairs and the
+    batch positions of the rows that go on (not at a stop token, not at their max_tokens)."""
+    step, keep = [], []
+    for j, (r, token) in enumerate(zip(rows, tokens)):
+        counts[r] += 1
+        step.append((r, token))
+        if token not in stop and counts[r] < params[r].max_tokens:
+            keep.append(j)
+    return step, keep

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import parrot
-from conftest import HAS_TORCH, random_image, requires_mlx, requires_torch
+from conftest import random_image, requires_mlx, requires_torch
 from parrot.batch import Request, generate_batch
 from parrot.errors import ParrotError
 from parrot.generation import SamplingParams
@@ -25,20 +25,6 @@ ROWS = [
     ("Describe the image in detail, please, with many words.", 0, 24),
     ("Resimde ne var?", 1, 16),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waits (much faster here)."""
-    if not HAS_TORCH:
-        yield
-        return
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

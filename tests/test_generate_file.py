@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import parrot
-from conftest import HAS_TORCH, random_image, requires_torch
+from conftest import random_image, requires_torch
 from parrot.answers import answer_file, load_answers, read_requests
 from parrot.errors import ParrotError
 
@@ -21,20 +21,6 @@ QUESTIONS = ["What is in the picture?", "这张图片里有什么？", "Describe
 
 class Stop(Exception):
     pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waits (much faster here)."""
-    if not HAS_TORCH:
-        yield
-        return
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import BatchKVCache
 
-from parrot.generation import SamplingParams
+from parrot.generation import SamplingParams, advance_rows
 
 from .generate import PREFILL_STEP, Sampler, generation_stream
 
@@ -50,12 +50,7 @@ def generate_tokens_batch(
                 x = x[:, n:]
             y = sample_rows(samplers, rows, lm(None, cache=cache, input_embeddings=x)[:, -1].astype(mx.float32))
         while True:
-            step, keep = [], []
-            for j, (r, token) in enumerate(zip(rows, y.tolist())):
-                counts[r] += 1
-                step.append((r, token))
-                if token not in stop and counts[r] < params[r].max_tokens:
-                    keep.append(j)
+            step, keep = advance_rows(rows, y.tolist(), counts, params, stop)
             yield step
             if not keep:
                 return

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from parrot.generation import SamplingParams
+from parrot.generation import SamplingParams, advance_rows
 
 from .generate import Sampler
 
@@ -47,12 +47,7 @@ def generate_tokens_batch(
     y = sample_rows(samplers, rows, lm.lm_head(h[:, -1]).float())
     pos = lengths.clone()
     while True:
-        step, keep = [], []
-        for j, (r, token) in enumerate(zip(rows, y.tolist())):
-            counts[r] += 1
-            step.append((r, token))
-            if token not in stop and counts[r] < params[r].max_tokens:
-                keep.append(j)
+        step, keep = advance_rows(rows, y.tolist(), counts, params, stop)
         yield step
         if not keep:
             return
