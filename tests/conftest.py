@@ -26,6 +26,9 @@ HAS_MLX = importlib.util.find_spec("mlx") is not None
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 requires_mlx = pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed (pip install 'parrot-vlm[mlx]')")
 requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (pip install 'parrot-vlm[torch]')")
+# the backends a parametrized test runs on, each skipped where its package is missing
+BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
+
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 import parrot
-from conftest import random_image, requires_mlx, requires_torch
+from conftest import BACKENDS, random_image, requires_torch
 from parrot.batch import Request, generate_batch
 from parrot.errors import ParrotError
 from parrot.generation import SamplingParams
 from parrot.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import write_tiny_checkpoint
 
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 # (prompt, image index or None, max_tokens): different lengths, with and without images, mixed
 ROWS = [
     ("What is in the picture?", 0, 24),

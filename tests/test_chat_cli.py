@@ -9,6 +9,7 @@ from PIL import Image
 
 import parrot
 from conftest import (
+    BACKENDS,
     HAS_TORCH,
     assert_clean_failure,
     random_image,
@@ -19,7 +20,6 @@ from conftest import (
 )
 from parrot.errors import ParrotError
 
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 Q1, Q2, Q3 = "What is in the picture?", "Describe the image in detail.", "这张图片里有什么？"
 
 @pytest.fixture(scope="module")

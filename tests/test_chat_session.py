@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 import parrot
-from conftest import random_image, requires_mlx, requires_torch
+from conftest import BACKENDS, random_image
 from parrot.chat import run_repl
 from parrot.constants import IMAGE_TOKEN_INDEX
 
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 Q1, Q2, Q3 = "What is in the picture?", "Describe the image in detail.", "这张图片里有什么？"
 
 

@@ -13,9 +13,8 @@ import time
 import pytest
 
 import parrot
-from conftest import HAS_MLX, assert_clean_failure, random_image, requires_mlx, requires_torch, run_parrot
+from conftest import BACKENDS, HAS_MLX, assert_clean_failure, random_image, requires_mlx, requires_torch, run_parrot
 
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny torch models on a shared 2-core machine
 NUMBER = r"(\d+\.\d{3})"
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 import parrot
-from conftest import HAS_MLX, random_image, requires_mlx, requires_torch
+from conftest import BACKENDS, HAS_MLX, random_image, requires_mlx, requires_torch
 from parrot.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import write_tiny_checkpoint
 
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 PROMPTS = [
     ("What is in the picture?", True),
     ("这张图片里有什么？请用中文回答。", True),

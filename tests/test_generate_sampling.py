@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 
 import parrot
-from conftest import requires_mlx, requires_torch
+from conftest import BACKENDS
 from parrot.errors import ParrotError
 from parrot.generation import SamplingParams
-
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 
 
 def reference_nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:

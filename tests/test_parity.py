@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import parrot
-from conftest import random_image, requires_mlx, requires_torch
+from conftest import BACKENDS, random_image, requires_mlx, requires_torch
 from parrot.testing import TinySpec, write_tiny_checkpoint
 
 PROMPTS = ["Describe the image in detail.", "这张图片里有什么？请用中文回答。", "Resimde ne var?"]
@@ -110,7 +110,6 @@ def _cat(backend, a, b):
     return torch.cat([a, b], dim=1)
 
 
-BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -70,6 +70,16 @@ class Strategy(Protocol):
         """Ends the process group, if any (after the export)."""
 
 
+def clip_and_step(params, max_grad_norm: float | None, optimizer, scheduler) -> torch.Tensor:
+    """Clips the gradients' global norm, steps optimizer and schedule, zeroes the gradients; returns the
+    norm before clipping (a sharded tensor under FSDP2)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters: matrices decay, biases / norms / embeddings' 1-D tensors do not."""
     decay, no_decay = [], []
@@ -118,12 +128,7 @@ class SingleProcess:
         loss.backward()
 
     def step(self) -> float:
-        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(clip_and_step(self.params, self.optim.max_grad_norm, self.optimizer, self.scheduler))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

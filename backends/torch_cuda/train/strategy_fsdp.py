@@ -31,7 +31,7 @@ from parrot.fsutil import atomic_output_file
 from ..model import ParrotForCausalLM
 from .dist import Collectives, init_process_group
 from .state import _jsonable
-from .strategy import OptimSpec, param_groups
+from .strategy import OptimSpec, clip_and_step, param_groups
 
 SCHEDULER_NAME = "scheduler.json"
 
@@ -81,12 +81,7 @@ class FSDPStrategy(Collectives):
         (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; the loss is a share of the sum
 
     def step(self) -> float:
-        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(_full(norm))
+        return float(_full(clip_and_step(self.params, self.optim.max_grad_norm, self.optimizer, self.scheduler)))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
