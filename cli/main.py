@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -50,20 +51,36 @@ def cli(local_rank: int | None) -> None:
     """Parrot: multilingual vision-language model, PyTorch and MLX backends."""
 
 
+def _clear_progress_bars() -> None:
+    """Erases the progress bars still open (a loop left by an exception or Ctrl-C does not close its bar,
+    which tqdm would otherwise draw again at exit, below the message)."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # no bar was ever made unless tqdm is imported
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False  # the last state drawn stays on screen above; close() clears the bar's own line
+        try:
+            bar.close()
+        except (OSError, ValueError):  # stderr already closed
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line to stderr and exit 1, without a traceback."""
     try:
         cli.main(args=argv, prog_name="parrot", standalone_mode=False)
     except ParrotError as e:
+        _clear_progress_bars()
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
+        _clear_progress_bars()
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as e:
+        _clear_progress_bars()
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        _clear_progress_bars()
         click.echo("Interrupted.", err=True)
         sys.exit(130)
     except BrokenPipeError:

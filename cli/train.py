@@ -50,9 +50,9 @@ from parrot.train_config import TRAIN_BACKENDS, TrainConfig
 @click.option("--num-experts", type=int, default=6, show_default=True, help="New model (--llm) only: MoE experts.")
 @click.option("--moe-intermediate-size", type=int, default=4096, show_default=True,
               help="New model (--llm) only: the experts' intermediate size.")
-@click.option("--deepspeed", default=None, metavar="FILE.json",
-              help="Shard with DeepSpeed ZeRO: a DeepSpeed config, \"auto\" fields filled from these flags "
-              "(configs/zero2.json: stage 1's recipe, configs/zero3.json: stage 2's).")
+@click.option("--deepspeed", default=None, metavar="FILE.json|zero2|zero3",
+              help="Shard with DeepSpeed ZeRO: a DeepSpeed config, \"auto\" fields filled from these flags; "
+              "zero2 / zero3: the built-in configs of stage 1's / stage 2's recipe.")
 @click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (ZeRO-3 equivalent, checkpoints in DCP format).")
 @click.option("--save-layout", type=click.Choice(["official", "mlx"]), default="official", show_default=True,
               help="Layout of the final model (mlx: with --backend mlx). Both load everywhere.")
@@ -75,8 +75,8 @@ def train(stage: str, lora_targets: str | None, **flags) -> None:
                    --data pretrain.json --image-dir images/ --output runs/s1
       parrot train --stage 2 --model runs/s1 --data sft.json --image-dir images/ --output runs/s2
       parrot train --stage 2 --model runs/s1 ... --output runs/s2 --resume     # after an interruption
-      torchrun --nproc_per_node 8 -m parrot.cli.main train --stage 2 --deepspeed configs/zero3.json ...
-      deepspeed --num_gpus 8 --module parrot.cli.main train --stage 1 --deepspeed configs/zero2.json ...
+      torchrun --nproc_per_node 8 -m parrot.cli.main train --stage 2 --deepspeed zero3 ...
+      deepspeed --num_gpus 8 --module parrot.cli.main train --stage 1 --deepspeed zero2 ...
       parrot train --backend mlx --stage 2 --model parrot-4bit --lora --data mine.json --output adapters/
     """
     from parrot.adapter import parse_targets

@@ -145,7 +145,7 @@ def _import_error(*modules: str) -> str | None:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ParrotError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "mlx" and (err := _import_error("mlx.core", "mlx_lm")):
+    if backend == "mlx" and (err := _import_error("mlx.core", "parrot.backends.mlx.mlxlm")):
         raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
                           "pip install 'parrot-vlm[mlx]'")
     if backend in ("cpu", "cuda") and (err := _import_error("torch", "transformers")):

@@ -1,5 +1,6 @@
-"""A DeepSpeed JSON config (`parrot train --deepspeed FILE`), its `"auto"` fields resolved from the
-run's flags the way transformers' `HfTrainerDeepSpeedConfig` resolves them from TrainingArguments:
+"""A DeepSpeed JSON config (`parrot train --deepspeed FILE`, or the built-in `zero2` / `zero3`), its
+`"auto"` fields resolved from the run's flags the way transformers' `HfTrainerDeepSpeedConfig` resolves
+them from TrainingArguments:
 
 | key | value |
 |---|---|
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +47,26 @@ class ResolvedDeepSpeed:
     notes: list[str] = field(default_factory=list)
 
 
+# configs shipped in the package (`configs/` in the repository): `--deepspeed zero2` or `--deepspeed zero3`
+BUILTIN_CONFIGS = {"zero2": "stage 1's recipe", "zero3": "stage 2's recipe"}
+
+
+def ds_config_text(path: str | Path) -> str:
+    """The JSON text of a config file, or of a built-in config by name (an existing file of that name wins)."""
+    p = Path(path)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    if str(path) in BUILTIN_CONFIGS:
+        return (resources.files("parrot.configs") / f"{path}.json").read_text(encoding="utf-8")
+    names = ", ".join(f"{n} ({what})" for n, what in BUILTIN_CONFIGS.items())
+    raise ParrotError(f"--deepspeed {p}: file not found; pass a DeepSpeed JSON config file or a built-in name: "
+                      f"{names}")
+
+
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise ParrotError(f"--deepspeed {p}: file not found (the repository ships configs/zero2.json and "
-                          "configs/zero3.json)")
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
+        d = json.loads(ds_config_text(path))
     except (ValueError, UnicodeDecodeError) as e:
         raise ParrotError(f"--deepspeed {p}: not valid JSON ({e})") from None
     if not isinstance(d, dict):

@@ -77,7 +77,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     rank, world_size = launch_world()
     if world_size > 1 and tc.strategy == "single":
         raise ParrotError(f"launched with {world_size} processes but neither --deepspeed nor --fsdp: pass one of "
-                          "them (e.g. --deepspeed configs/zero3.json or --fsdp), or run one process")
+                          "them (e.g. --deepspeed zero3 or --fsdp), or run one process")
     raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
     if rank == 0:  # the other ranks may look only after rank 0 created the directory
@@ -130,7 +130,7 @@ def _check_mlx(tc: TrainConfig) -> None:
         raise ParrotError("--deepspeed / --fsdp shard torch training; --backend mlx trains in one process")
     from .api import _import_error
 
-    if err := _import_error("mlx.core", "mlx_lm"):
+    if err := _import_error("mlx.core", "parrot.backends.mlx.mlxlm"):
         raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
                           "pip install 'parrot-vlm[mlx]'")
 

@@ -51,7 +51,7 @@ def runs(tmp_path_factory, tiny_ckpt, data):
     done: dict[str, object] = {}
     how = {
         "single": (1, "none", ()),
-        "zero3": (2, "torchrun", ("--deepspeed", "configs/zero3.json")),
+        "zero3": (2, "torchrun", ("--deepspeed", "zero3")),  # the built-in config, by name
         "zero2": (2, "deepspeed", ("--deepspeed", "configs/zero2.json")),  # the deepspeed launcher
         "fsdp": (2, "torchrun", ("--fsdp",)),
     }

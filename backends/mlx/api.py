@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
 
 from parrot.adapter import Adapter
 from parrot.api import ParrotModel
@@ -17,6 +16,7 @@ from .batch import generate_tokens_batch
 from .generate import generate_tokens
 from .loading import MX_DTYPES, load_mlx_model
 from .lora import apply_adapter
+from .mlxlm import BatchKVCache, make_prompt_cache
 
 
 class MLXParrot(ParrotModel):
@@ -54,8 +54,6 @@ class MLXParrot(ParrotModel):
     # ---------------------------------------------------------------- incremental decoding
     def new_cache(self) -> list:
         """An empty KV cache (mlx-lm's) for `forward_embeddings`."""
-        from mlx_lm.models.cache import make_prompt_cache
-
         return make_prompt_cache(self.model.language_model)
 
     def expert_outputs(self, image_features: mx.array | None) -> mx.array | None:

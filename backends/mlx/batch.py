@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import mlx.core as mx
-from mlx_lm.generate import wired_limit
-from mlx_lm.models.cache import BatchKVCache
 
 from parrot.generation import SamplingParams, advance_rows
 
 from .generate import PREFILL_STEP, Sampler, generation_stream
+from .mlxlm import BatchKVCache, wired_limit
 
 
 def sample_rows(samplers: list[Sampler], rows: list[int], logits: mx.array) -> mx.array:

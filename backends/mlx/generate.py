@@ -3,7 +3,7 @@
 Prefill runs in chunks whose logits are never computed (only the cache is evaluated); then each
 step builds the graph of token n+1 and starts it with `mx.async_eval` before reading token n
 back (`.item()`), so the device never waits for Python. One host sync per token, on its own stream.
-On Metal, generation runs under mlx-lm's `wired_limit` (weights kept resident), as mlx-lm does.
+On Metal, generation runs under `wired_limit` (weights kept resident), as mlx-lm does.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import mlx.core as mx
-from mlx_lm.generate import wired_limit
 
 from parrot.generation import SamplingParams
+
+from .mlxlm import wired_limit
 
 PREFILL_STEP = 2048
 generation_stream = mx.new_thread_local_stream(mx.default_device())

@@ -10,11 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
 
 from parrot.adapter import Adapter
 from parrot.errors import ParrotError
 
+from .mlxlm import LoRALinear
 from .model import Model
 
 LORA_LEAVES = ("lora_a", "lora_b")

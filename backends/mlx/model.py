@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import qwen2
 
 from parrot.config import ParrotConfig, VisionConfig
 from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+from .mlxlm import qwen2
 
 _ACT = {
     "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
