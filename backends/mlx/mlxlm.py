@@ -4,7 +4,7 @@ We use three pure-MLX modules of mlx-lm: the Qwen2 model (`mlx_lm.models.qwen2`)
 (`mlx_lm.models.cache`) and `LoRALinear` (`mlx_lm.tuner.lora`). But Python runs a package's
 `__init__` before any of its submodules, and `mlx_lm/__init__.py` imports `mlx_lm.convert`,
 `generate` and `utils`, which import transformers, which imports torch when it is installed:
-about 3 s of start-up (and 1 GB of address space) for every MLX command on a machine that has
+about 3 s of start-up for every MLX command on a machine that has
 torch (`mlx_lm/tuner/__init__.py` does the same through its trainer). Neither mlx-lm nor
 transformers 5 has a switch for this.
 
