@@ -4,9 +4,8 @@ We use three pure-MLX modules of mlx-lm: the Qwen2 model (`mlx_lm.models.qwen2`)
 (`mlx_lm.models.cache`) and `LoRALinear` (`mlx_lm.tuner.lora`). But Python runs a package's
 `__init__` before any of its submodules, and `mlx_lm/__init__.py` imports `mlx_lm.convert`,
 `generate` and `utils`, which import transformers, which imports torch when it is installed:
-about 3 s of start-up for every MLX command on a machine that has
-torch (`mlx_lm/tuner/__init__.py` does the same through its trainer). Neither mlx-lm nor
-transformers 5 has a switch for this.
+about 3 s of start-up for every MLX command on a machine that has torch (`mlx_lm/tuner/__init__.py`
+does the same through its trainer). Neither mlx-lm nor transformers 5 has a switch for this.
 
 So `import_without_package_init` imports such a submodule with the parent package present in
 `sys.modules` as a bare module object (its spec and `__path__`, its `__init__` not run), and
