@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from parrot.config import DTYPES
-
-from .chat import default_backend
+from parrot.registry import NAMES as BACKENDS
+from parrot.registry import default_backend
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", required=True, help="Model directory (official or MLX layout) or a hub id.")
-@click.option("--backend", type=click.Choice(["mlx", "cpu", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
 @click.option("--prompt-tokens", "-p", type=int, default=512, show_default=True,
               help="Random text tokens in the prompt (the visual tokens come on top).")

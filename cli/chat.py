@@ -7,22 +7,10 @@ import sys
 import click
 
 from parrot.config import DTYPES
+from parrot.registry import NAMES as BACKENDS
+from parrot.registry import default_backend
 
 DEFAULT_MODEL = "AIDC-AI/Parrot-7B"
-
-
-def default_backend() -> str:
-    """mlx on Apple silicon (when installed), else cuda when a GPU is visible, else cpu."""
-    import importlib.util
-    import platform
-
-    if sys.platform == "darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx"):
-        return "mlx"
-    if importlib.util.find_spec("torch"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "mlx"
 
 
 def _lenient_streams() -> None:
@@ -47,7 +35,7 @@ def _line_editing() -> None:
 @click.argument("image", required=False)
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="Model directory (official or MLX layout) or a hub id.")
-@click.option("--backend", type=click.Choice(["mlx", "cpu", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
 @click.option("--prompt", "-p", default=None, help="Answer this once and exit (otherwise: interactive chat).")
 @click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer.")

@@ -7,14 +7,16 @@ import sys
 import click
 
 from parrot.config import DTYPES
+from parrot.registry import NAMES as BACKENDS
+from parrot.registry import default_backend
 
-from .chat import DEFAULT_MODEL, default_backend
+from .chat import DEFAULT_MODEL
 
 
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="Model directory (official or MLX layout) or a hub id.")
-@click.option("--backend", type=click.Choice(["mlx", "cpu", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Requests, one JSON object per line: id, prompt, optional image and settings.")

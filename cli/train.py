@@ -8,11 +8,12 @@ import sys
 import click
 
 from parrot.config import DTYPES
-from parrot.train_config import TRAIN_BACKENDS, TrainConfig
+from parrot.registry import NAMES as BACKENDS
+from parrot.train_config import TrainConfig
 
 
 @click.command("train")
-@click.option("--backend", type=click.Choice(TRAIN_BACKENDS), default="cuda", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="cuda", show_default=True,
               help="cuda or cpu (torch), or mlx (Apple silicon; full, LoRA and QLoRA fine-tuning).")
 @click.option("--stage", type=click.Choice(["1", "2"]), required=True,
               help="1: train the projector (MoE bypassed). 2: projector, MoE and LLM.")

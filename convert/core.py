@@ -28,8 +28,9 @@ from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
 from parrot.tokenizer import CHATML_TEMPLATE, Tokenizer, copy_tokenizer_files
 from parrot.tower import find_tower_dir
 
+from .detect import open_source
 from .quantize import QUANTIZE_EXPERTS_DEFAULT, QuantSpec, module_pattern, quantization_record, quantize
-from .sources import Source, SourceTensor, has_vision_weights, open_source
+from .sources import Source, SourceTensor, has_vision_weights
 
 TARGETS = ("mlx", "hf")
 TOWER_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors"]

@@ -3,7 +3,7 @@ official-layout float tensors read lazily, one at a time.
 
 Every kind produces the same thing (`Source`): the validated `Checkpoint` (config, vision tower,
 manifest) and `SourceTensor`s in official names and layout, dequantized when stored quantized.
-A new kind (e.g. DeepSpeed / DCP checkpoints) is one more entry in `KINDS`.
+A new kind is one more entry in `parrot.convert.detect.KINDS` (training checkpoints: training_sources.py).
 """
 
 from __future__ import annotations
@@ -117,33 +117,6 @@ def _parrot_dir_tensors(ckpt: Checkpoint) -> list[SourceTensor]:
     return out
 
 
-def _open_parrot_dir(path: Path, vision_tower, description=None) -> Source:
+def open_parrot_dir(path: Path, vision_tower, description=None) -> Source:
     ckpt = Checkpoint.open(path, vision_tower)
     return Source(ckpt.layout, ckpt, _parrot_dir_tensors(ckpt))
-
-
-# (name, matches(path), open(path, vision_tower, description)); the last entry also reports what is missing
-KINDS: list[tuple[str, Callable[[Path], bool], Callable[..., Source]]] = [
-    ("parrot directory (official or MLX layout)", lambda p: True, _open_parrot_dir),
-]
-
-
-def open_source(path: str | Path, vision_tower=None, description: str | Path | None = None) -> Source:
-    """description: for a training checkpoint, the directory with its config.json, tokenizer and
-    preprocessor settings (default: found next to it)."""
-    """Detects the kind of `path` and opens it (validated against its config before any read)."""
-    path = Path(path)
-    if not path.exists():
-        raise ParrotError(f"{path}: source not found")
-    if not path.is_dir():
-        raise ParrotError(f"{path}: not a directory (a Parrot model is a directory with config.json)")
-    for _, matches, open_ in KINDS:
-        if matches(path):
-            return open_(path, vision_tower, description)
-    raise ParrotError(f"{path}: not a model directory of a known kind ({', '.join(n for n, _, _ in KINDS)})")
-
-
-# training checkpoints (DeepSpeed, DCP) come first: they are recognized by their own files
-from .training_sources import KINDS as _TRAINING_KINDS  # noqa: E402  (needs Source, defined above)
-
-KINDS[:0] = _TRAINING_KINDS

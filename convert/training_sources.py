@@ -13,19 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from parrot.backends.torch_cuda.dcp_checkpoint import DcpCheckpoint
+from parrot.backends.torch_cuda.zero_checkpoint import ZeroCheckpoint, find_tag_dir
 from parrot.checkpoint import Checkpoint
 from parrot.config import ParrotConfig
-from parrot.dcp_checkpoint import DcpCheckpoint, is_dcp_checkpoint
 from parrot.errors import ParrotError
 from parrot.layout import tower_to_official_key
 from parrot.manifest import build_manifest, validate
+from parrot.run_dir import MODEL_DIR
 from parrot.safetensors_io import CheckpointFiles
 from parrot.tower import resolve_vision_tower
-from parrot.zero_checkpoint import ZeroCheckpoint, find_tag_dir
 
 from .sources import Source, SourceTensor
-
-MODEL_DIR = "model"
 
 
 def is_deepspeed_dir(path: Path) -> bool:
@@ -97,10 +96,3 @@ def open_deepspeed(path: Path, vision_tower, description=None) -> Source:
 def open_dcp(path: Path, vision_tower, description=None) -> Source:
     c = DcpCheckpoint(path)
     return _open(path, vision_tower, description, "dcp", c.names(), c.shape, c.read)
-
-
-# registered in parrot.convert.sources.KINDS (before the Parrot-directory catch-all)
-KINDS = [
-    ("DeepSpeed ZeRO checkpoint (parrot train --deepspeed)", is_deepspeed_dir, open_deepspeed),
-    ("torch.distributed.checkpoint directory (parrot train --fsdp)", is_dcp_checkpoint, open_dcp),
-]

@@ -1,35 +1,39 @@
-"""`parrot.load` and the loaded-model interface both backends implement."""
+"""`parrot.load` and `ParrotModel`, the loaded model: the user-facing methods (logits, generate,
+stream, generate_batch, chat), written once on top of the backend contract (parrot.contract)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import registry
 from .adapter import Adapter, fit_base, read_adapter
 from .batch import Request, generate_many
 from .chat import ChatSession
 from .checkpoint import Checkpoint
 from .config import DTYPES
 from .constants import IMAGE_TOKEN_INDEX
+from .contract import ModelBackend
 from .errors import ParrotError
 from .generation import GenerationResult, ImageCache, SamplingParams, TextStream, generate_stream, stop_token_ids
 from .hub import resolve_model_path
 from .image import preprocess
 from .prompt import build_inference_ids
+from .splice import plan_prompts
 from .tokenizer import Tokenizer
 
-BACKENDS = ("mlx", "cpu", "cuda")
+BACKENDS = registry.NAMES
 
 
-class ParrotModel:
-    """A loaded Parrot model. Backends implement `logits` (and generation) on top of this."""
+class ParrotModel(ModelBackend):
+    """A loaded Parrot model. A backend subclasses it and implements the contract (parrot.contract);
+    `backend` is the registry name it was loaded as."""
 
-    backend: str = "?"
-
-    def __init__(self, checkpoint: Checkpoint, dtype: str):
+    def __init__(self, checkpoint: Checkpoint, dtype: str, spec: registry.BackendSpec):
+        self.spec = spec
+        self.backend = spec.name
         self.checkpoint = checkpoint
         self.path = checkpoint.path
         self.config = checkpoint.config
@@ -85,7 +89,12 @@ class ParrotModel:
         return self._logits(list(input_ids), pixels)
 
     def _logits(self, input_ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
+        feats = None if pixels is None else self.image_features(pixels)
+        return self.to_numpy(self.forward_embeddings(self.embed_prompt(input_ids, feats)))[0]
+
+    def plan_prompt(self, input_ids: list[int], has_image: bool):
+        """The splice plan of one prompt (parrot.splice), for `embed_prompt`."""
+        return plan_prompts([input_ids], self.num_visual_tokens if has_image else 0)
 
     # ------------------------------------------------------------------ generation
     def stream(
@@ -131,49 +140,25 @@ class ParrotModel:
         return ChatSession(self, image, system)
 
 
-def _import_error(*modules: str) -> str | None:
-    """Imports them; None when all load. (A package can be found yet fail to load, e.g. mlx without
-    its CPU/Metal library.)"""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # ImportError, or a broken install raising something else
-            return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ParrotError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "mlx" and (err := _import_error("mlx.core", "parrot.backends.mlx.mlxlm")):
-        raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
-                          "pip install 'parrot-vlm[mlx]'")
-    if backend in ("cpu", "cuda") and (err := _import_error("torch", "transformers")):
-        raise ParrotError(f"--backend {backend} needs PyTorch, which is not installed or fails to import ({err}): "
-                          "pip install 'parrot-vlm[torch]'")
-    if backend == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu or mlx")
-
-
 def load(
     path: str | Path,
-    backend: str = "cpu",
+    backend: str | None = None,
     dtype: str | None = None,
     vision_tower: str | Path | None = None,
     adapter: str | Path | None = None,
 ) -> ParrotModel:
     """Loads an official-layout or MLX-layout Parrot directory (or a hub id, when online).
 
-    backend: "mlx", "cpu" or "cuda". dtype: float32 / float16 / bfloat16; None keeps the
-    checkpoint's torch_dtype. vision_tower: a CLIP directory or known id when `mm_vision_tower`
-    does not resolve, or when the checkpoint lacks the tower's weights. adapter: a LoRA adapter
+    backend: "mlx", "cpu" or "cuda" (parrot.registry); None chooses as the CLI does
+    (`parrot.registry.default_backend`: mlx on Apple silicon, else cuda when a GPU is visible, else
+    cpu). dtype: float32 / float16 / bfloat16; None keeps the checkpoint's torch_dtype.
+    vision_tower: a CLIP directory or known id when `mm_vision_tower` does not resolve, or when the
+    checkpoint lacks the tower's weights. adapter: a LoRA adapter
     directory (`parrot train --lora`'s output) trained on this base: applied as LoRA layers on MLX
     (a quantized base stays quantized), merged into the weights at load on torch.
     """
-    _check_backend(backend)
+    backend = backend or registry.default_backend()
+    spec = registry.require(backend)
     if dtype is not None and dtype not in DTYPES:
         raise ParrotError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     ckpt = Checkpoint.open(resolve_model_path(path), vision_tower)
@@ -182,10 +167,4 @@ def load(
     if adapter is not None:
         lora = read_adapter(adapter)
         fit_base(lora, ckpt.config, ckpt.manifest.required, str(ckpt.path))
-    if backend == "mlx":
-        from .backends.mlx.api import MLXParrot
-
-        return MLXParrot(ckpt, dtype, adapter=lora)
-    from .backends.torch_cuda.api import TorchParrot
-
-    return TorchParrot(ckpt, dtype, device=backend, adapter=lora)
+    return spec.load("model")(ckpt, dtype, spec, adapter=lora)

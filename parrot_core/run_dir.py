@@ -5,7 +5,8 @@ OUTPUT/
   run_config.json          the resolved run config (flags + defaults + derived numbers)
   data_report.json         what the data check kept and dropped, and why
   metrics.jsonl            one JSON object per optimizer step
-  checkpoints/step-00000100/   model (trainable tensors), optimizer, trainer_state.json, run_config.json
+  checkpoints/step-00000100/   trainable tensors, optimizer, trainer_state.json, run_config.json,
+                               model/ (the model description: config, tokenizer, preprocessor)
   config.json, model.safetensors, tokenizer, preprocessor_config.json    the final consolidated model
 ```
 A checkpoint is written into a temporary directory and renamed into place; `trainer_state.json`
@@ -28,6 +29,7 @@ from .errors import ParrotError
 from .fsutil import atomic_output_file
 
 STATE_NAME = "trainer_state.json"
+MODEL_DIR = "model"  # a checkpoint's model description (config, tokenizer, preprocessor settings)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 

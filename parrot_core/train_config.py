@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .adapter import LORA_FIELDS, resolve_lora
 from .config import DTYPES
 from .errors import ParrotError
 
-TRAIN_BACKENDS = ("cuda", "cpu", "mlx")
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"lr": 1e-3, "batch_size": 8, "grad_accum": 4},  # scripts/train/pretrain.sh (x 8 GPUs: global 256)
     2: {"lr": 2e-5, "batch_size": 4, "grad_accum": 4},  # scripts/train/finetune.sh (x 8 GPUs: global 128)
@@ -87,7 +87,7 @@ class TrainConfig:
             lr=d["lr"] if self.lr is None else self.lr,
             batch_size=d["batch_size"] if self.batch_size is None else self.batch_size,
             grad_accum=d["grad_accum"] if self.grad_accum is None else self.grad_accum,
-            dtype=self.dtype or ("bfloat16" if self.backend == "cuda" else "float32"),
+            dtype=self.dtype or registry.get(self.backend).train_dtype,
         )
         if out.lora:
             out = replace(out, **resolve_lora(out.lora_rank, out.lora_scale, out.lora_alpha, out.lora_dropout,
@@ -102,8 +102,7 @@ class TrainConfig:
         return out
 
     def validate(self) -> None:
-        if self.backend not in TRAIN_BACKENDS:
-            raise ParrotError(f"unknown backend {self.backend!r}; choose one of {', '.join(TRAIN_BACKENDS)}")
+        spec = registry.get(self.backend)
         if (self.model is None) == (self.llm is None):
             raise ParrotError(
                 "give either --model DIR (a Parrot checkpoint, e.g. stage 1's output) or --llm DIR with "
@@ -135,14 +134,16 @@ class TrainConfig:
             raise ParrotError(f"--max-grad-norm must be positive, not {self.max_grad_norm}")
         if self.deepspeed is not None and self.fsdp:
             raise ParrotError("--deepspeed and --fsdp are two ways to shard the model: choose one")
-        if self.backend == "mlx" and (self.deepspeed is not None or self.fsdp):
-            raise ParrotError("--deepspeed / --fsdp shard the torch backend: use --backend cuda (or cpu)")
+        if not spec.sharding and (self.deepspeed is not None or self.fsdp):
+            raise ParrotError(f"--deepspeed / --fsdp shard the torch backends; --backend {self.backend} trains in "
+                              f"one process: use --backend {_with('sharding')}")
 
         self._validate_lora()
         if self.save_layout not in ("official", "mlx"):
             raise ParrotError(f"--save-layout must be official or mlx, not {self.save_layout!r}")
-        if self.save_layout == "mlx" and self.backend != "mlx":
-            raise ParrotError("--save-layout mlx is for --backend mlx; convert a torch run's output with "
+        if self.save_layout != "official" and spec.native_layout != self.save_layout:
+            raise ParrotError(f"--save-layout {self.save_layout} is for --backend {_with('native_layout', 'mlx')}; "
+                              "convert a torch run's output with "
                               "`parrot convert OUTPUT DST --to mlx`")
 
     def _validate_lora(self) -> None:
@@ -151,8 +152,8 @@ class TrainConfig:
             if given:
                 raise ParrotError(f"{', '.join(given)}: LoRA settings apply only with --lora (and --backend mlx)")
             return
-        if self.backend != "mlx":
-            raise ParrotError(f"--lora trains adapters on the MLX backend only: use --backend mlx (--backend "
+        if not registry.get(self.backend).lora_training:
+            raise ParrotError(f"--lora trains adapters on --backend {_with('lora_training')} only (--backend "
                               f"{self.backend} trains the stage's full parameter set)")
         if self.stage != 2:
             raise ParrotError("--lora adapts the LLM in stage 2; stage 1 trains the projector only (drop --lora)")
@@ -185,3 +186,8 @@ class TrainConfig:
         """The trajectory fields whose values differ (for --resume)."""
         return [f"{k} {getattr(other, k)!r} -> {getattr(self, k)!r}"
                 for k in TRAJECTORY_FIELDS if getattr(self, k) != getattr(other, k)]
+
+
+def _with(capability: str, value: object = True) -> str:
+    """The backends whose `capability` is `value`, for messages (e.g. "cpu, cuda")."""
+    return ", ".join(n for n, s in registry.BACKENDS.items() if getattr(s, capability) == value)

@@ -8,6 +8,7 @@ default init (the official code uses torch's). Stage 1 bypasses the MoE (`use_mo
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import registry
 from .checkpoint import Checkpoint
 from .config import ParrotConfig
 from .errors import ParrotError
@@ -52,8 +54,9 @@ def open_source(tc: TrainConfig) -> ModelSource:
 # ---------------------------------------------------------------- sources
 def _from_checkpoint(tc: TrainConfig) -> ModelSource:
     ckpt = Checkpoint.open(resolve_model_path(tc.model), tc.vision_tower)
-    if ckpt.quantized and not (tc.backend == "mlx" and tc.lora):
-        where = "on torch" if tc.backend != "mlx" else "fully (only LoRA adapters train on a quantized base: --lora)"
+    if ckpt.quantized and not (registry.get(tc.backend).lora_training and tc.lora):
+        where = ("fully (only LoRA adapters train on a quantized base: --lora)"
+                 if registry.get(tc.backend).lora_training else f"on --backend {tc.backend}")
         raise ParrotError(f"{ckpt.path}: quantized MLX weights cannot be trained {where}; dequantize them with "
                           "`parrot convert --to hf`")
     cfg = ckpt.config
@@ -153,7 +156,7 @@ def write_model_description(src: ModelSource, directory: Path, dtype: str, max_l
     directory.mkdir(parents=True, exist_ok=True)
     copy_tokenizer_files(src.tokenizer_dir, directory)
     src.tower.image.save(directory)
-    cfg = src.config
+    cfg = copy.deepcopy(src.config)  # the run goes on with the source's config untouched
     cfg.torch_dtype = dtype
     cfg.vision_config = src.tower.config
     cfg.quantization = None

@@ -4,15 +4,16 @@ chosen backend's trainer, imported lazily (as `parrot.load` does)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .data import LlavaData
 from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
 from .errors import ParrotError
+from .registry import BackendSpec
 from .run_dir import RunDir, read_json, write_json
 from .schedule import StepPlan, warmup_steps
 from .tokenizer import Tokenizer
@@ -64,8 +65,8 @@ def _check_resume(tc: TrainConfig, latest: Path, world_size: int) -> None:
                     f"{tc.grad_accum} x {world_size}")
     if saved.strategy != tc.strategy:
         diff.append(f"sharding {saved.strategy} -> {tc.strategy} (the checkpoint's format is {saved.strategy}'s)")
-    if (saved.backend == "mlx") != (tc.backend == "mlx"):
-        diff.append(f"backend {saved.backend!r} -> {tc.backend!r} (MLX and torch checkpoints differ)")
+    if registry.get(saved.backend).family != registry.get(tc.backend).family:
+        diff.append(f"backend {saved.backend!r} -> {tc.backend!r} (their training checkpoints differ)")
     if diff:
         raise ParrotError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(diff)}). "
                           "Resume with the same flags (--grad-accum may change with the number of processes if "
@@ -98,8 +99,8 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
             weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, dtype=tc.dtype,
             hidden_size=src.config.hidden_size, total_steps=plan.total_steps,
             warmup_steps=warmup_steps(plan.total_steps, tc.warmup_ratio), source=f"--deepspeed {tc.deepspeed}")
-        if tc.backend == "cpu" and ds.config.get("fp16", {}).get("enabled") is True:
-            raise ParrotError("--deepspeed: fp16 needs CUDA; on CPU train in float32")
+        if not registry.get(tc.backend).half_precision_training and ds.config.get("fp16", {}).get("enabled") is True:
+            raise ParrotError(f"--deepspeed: fp16 needs CUDA; on --backend {tc.backend} train in float32")
     prepared = PreparedRun(tc, run, latest, src, tok, data, rank, world_size, ds)
     prepared.echo(data.report.summary())
     if tc.resume and latest is None:
@@ -110,29 +111,11 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     return prepared
 
 
-def _check_backend(tc: TrainConfig) -> None:
-    if tc.backend == "mlx":
-        return _check_mlx(tc)
-    if importlib.util.find_spec("torch") is None:
-        raise ParrotError(f"--backend {tc.backend} needs PyTorch, which is not installed: "
-                          "pip install 'parrot-vlm[torch]'")
-    if tc.backend == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ParrotError("--backend cuda: no CUDA GPU is available on this machine; use --backend cpu")
-    if tc.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+def _check_backend(tc: TrainConfig) -> BackendSpec:
+    spec = registry.require(tc.backend)
+    if tc.deepspeed is not None and registry.import_problem("deepspeed"):
         raise ParrotError("--deepspeed needs DeepSpeed, which is not installed: pip install 'parrot-vlm[deepspeed]'")
-
-
-def _check_mlx(tc: TrainConfig) -> None:
-    if tc.deepspeed is not None or tc.fsdp:
-        raise ParrotError("--deepspeed / --fsdp shard torch training; --backend mlx trains in one process")
-    from .api import _import_error
-
-    if err := _import_error("mlx.core", "parrot.backends.mlx.mlxlm"):
-        raise ParrotError(f"--backend mlx needs MLX, which is not installed or fails to import ({err}): "
-                          "pip install 'parrot-vlm[mlx]'")
+    return spec
 
 
 def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:
@@ -141,11 +124,6 @@ def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True)
 
     stop_after: stop after that many optimizer steps in total, without exporting (like a preempted job).
     """
-    _check_backend(tc)
+    spec = _check_backend(tc)
     prepared = prepare_run(tc, progress)
-    if tc.backend == "mlx":
-        from .backends.mlx.train.loop import run_training
-    else:
-        from .backends.torch_cuda.train.loop import run_training
-
-    return run_training(prepared, stop_after=stop_after, progress=progress)
+    return spec.load("trainer")(prepared, stop_after=stop_after, progress=progress)

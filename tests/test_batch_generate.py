@@ -96,8 +96,8 @@ def test_finished_rows_leave_the_batch(backend, stopping_ckpt, photos):
     for r in reqs:
         pixels = None if r.image is None else model.preprocess(r.image)
         ids = model.encode_prompt(r.prompt, pixels is not None)
-        feats = model.image_features(pixels)
-        embeds.append(model.embed_prompt(ids, feats, model.expert_outputs(feats)))
+        feats = None if pixels is None else model.image_features(pixels)
+        embeds.append(model.embed_prompt(ids, feats, None if feats is None else model.expert_outputs(feats)))
     steps = list(model.generate_tokens_batch(embeds, [r.params for r in reqs], model.stop_ids))
     sizes = [len(s) for s in steps]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == len(reqs) and sizes[-1] >= 1

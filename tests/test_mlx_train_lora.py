@@ -12,6 +12,7 @@ from train_helpers import read_losses, write_dataset
 from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot
 from parrot.errors import ParrotError
 from parrot.safetensors_io import CheckpointFiles, SafetensorsFile
+from parrot.splice import plan_prompts
 from parrot.train_config import TrainConfig
 
 pytestmark = requires_mlx
@@ -89,7 +90,7 @@ def test_saved_adapter_reloads_to_the_same_logits(tmp_path, tiny_ckpt, dataset):
     loaded = parrot.load(tiny_ckpt, backend="mlx", adapter=tmp_path)
     ids = loaded.encode_prompt(PROMPT, has_image=True)
     pixels = mx.array(loaded.preprocess(image))
-    want = np.array(model(model.splice(ids, model.encode_images(pixels))))[0]
+    want = np.array(model(model.splice(plan_prompts([ids], loaded.num_visual_tokens), model.encode_images(pixels))))[0]
     assert np.abs(loaded.logits(ids, loaded.preprocess(image)) - want).max() < 1e-6
     assert np.abs(_logits(parrot.load(tiny_ckpt, backend="mlx"), image) - want).max() > 1e-2  # it matters
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_parameters"]["scale"] == 2.0  # 8 / 4

@@ -91,32 +91,34 @@ def test_mlx_gradients_of_projector_and_moe_match_torch(both):
         assert np.abs(m[k] - t[k]).max() <= 1e-4 * max(1.0, np.abs(t[k]).max()), k
 
 
-def test_mlx_splice_plan_matches_torch_splice_with_truncation(tiny_ckpt, dataset):
-    """Right padding, the MoE's training context and truncation after the visual tokens, position by position."""
+def test_mlx_splice_matches_torch_splice_with_truncation(tiny_ckpt, dataset):
+    """One plan (right padding, the MoE's training context, truncation after the visual tokens) applied by
+    both backends: the same embeddings position by position, and the labels where a per-row reference puts them."""
     import mlx.core as mx
     import torch
 
     import parrot
-    from parrot.backends.mlx.model import plan_batch
+    from parrot.splice import plan_splice
 
     src, batch = _batch(tiny_ckpt, *dataset, order=[1, 2, 0], max_length=100, truncate=True)
     t = parrot.load(tiny_ckpt, backend="cpu").model
     m = parrot.load(tiny_ckpt, backend="mlx").model
     n_visual = src.config.num_visual_tokens(src.tower.config)
-    with torch.no_grad():
-        feats = t.encode_images(torch.from_numpy(batch["pixel_values"]))
-        s = t.splice(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]), feats,
-                     torch.from_numpy(batch["labels"]), max_length=100)
-    plan = plan_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], n_visual, max_length=100)
+    plan = plan_splice(batch["input_ids"], n_visual, batch["attention_mask"], batch["labels"], max_length=100)
     rows = plan.image_rows
     assert rows.tolist() == [1, 2] and plan.gather.shape[1] == 100 and plan.lengths[0] < 100  # truncated, padded
-    emb = m.splice_batch(plan, m.encode_images(mx.array(batch["pixel_values"][rows])))
-    assert np.array_equal(plan.labels, s.labels.numpy())
-    assert np.array_equal(plan.lengths, s.lengths.numpy())
-    valid = s.attention_mask.numpy()
-    diff = np.abs(np.array(emb) - s.inputs_embeds.numpy())[valid]
+    with torch.no_grad():
+        want = t.splice(plan, t.encode_images(torch.from_numpy(batch["pixel_values"][rows]))).numpy()
+    emb = np.array(m.splice(plan, m.encode_images(mx.array(batch["pixel_values"][rows]))))
+    for b in range(len(plan.lengths)):  # labels: each row's own, the placeholder widened to n_visual ignored ones
+        n = int(batch["attention_mask"][b].sum())
+        row = [lab for i, lab in zip(batch["input_ids"][b][:n], batch["labels"][b][:n])
+               for lab in ([-100] * n_visual if i == -200 else [lab])][:100]
+        assert plan.labels[b].tolist() == row + [-100] * (100 - len(row))
+    valid = plan.attention_mask
+    diff = np.abs(emb - want)[valid]
     assert diff.max() < 1e-5, diff.max()
-    assert not np.array(emb)[~valid].any()  # padding is zeros, as in torch
+    assert not emb[~valid].any() and not want[~valid].any()  # padding is zeros
 
 
 def _train(tmp_path, name, backend, model, data, image_dir, **kw):

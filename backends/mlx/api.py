@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +11,8 @@ from parrot.adapter import Adapter
 from parrot.api import ParrotModel
 from parrot.checkpoint import Checkpoint
 from parrot.generation import SamplingParams
+from parrot.registry import BackendSpec
+from parrot.splice import plan_prompts
 
 from .batch import generate_tokens_batch
 from .generate import generate_tokens
@@ -20,77 +22,73 @@ from .mlxlm import BatchKVCache, make_prompt_cache
 
 
 class MLXParrot(ParrotModel):
-    backend = "mlx"
+    """The MLX backend: the contract (parrot.contract) on `ParrotForCausalLM`."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: str, adapter: Adapter | None = None):
-        super().__init__(checkpoint, dtype)
+    def __init__(self, checkpoint: Checkpoint, dtype: str, spec: BackendSpec, adapter: Adapter | None = None):
+        super().__init__(checkpoint, dtype, spec)
         self.mx_dtype = MX_DTYPES[dtype]
         self.model = load_mlx_model(checkpoint, dtype)
         if adapter is not None:
             apply_adapter(self.model, adapter)
             self.adapter = adapter
 
-    def image_features(self, pixels: np.ndarray | None) -> mx.array | None:
-        """CLIP + projector output H_v [1, N, C] for preprocessed pixels (cacheable per image)."""
-        if pixels is None:
-            return None
+    # ---------------------------------------------------------------- vision
+    def image_features(self, pixels: np.ndarray) -> mx.array:
         return self.model.encode_images(mx.array(np.asarray(pixels, dtype=np.float32)).astype(self.mx_dtype))
 
-    def _logits(self, input_ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
-        emb = self.model.splice(input_ids, self.image_features(pixels))
-        logits = self.model(emb)
-        return np.array(logits[0].astype(mx.float32))
+    def expert_outputs(self, image_features: mx.array) -> mx.array | None:
+        return self.model.expert_outputs(image_features)
 
-    def batch_logits(self, batch: list[tuple[list[int], np.ndarray | None]]) -> list[np.ndarray]:
-        """Several prompts in one left-padded forward (mlx-lm's BatchKVCache builds the mask)."""
-        rows = [self.model.splice(ids, self.image_features(p))[0] for ids, p in batch]
-        T = max(r.shape[0] for r in rows)
-        pads = [T - r.shape[0] for r in rows]
-        emb = mx.stack([mx.concatenate([mx.zeros((n, r.shape[1]), r.dtype), r]) for r, n in zip(rows, pads)])
-        cache = [BatchKVCache(pads) for _ in self.model.layers]
-        logits = self.model(emb, cache=cache).astype(mx.float32)
-        return [np.array(logits[i, n:]) for i, n in enumerate(pads)]
+    # ---------------------------------------------------------------- embeddings
+    def embed_tokens(self, ids: Sequence[int]) -> mx.array:
+        return self.model.embed_tokens(mx.array(list(ids)))[None]
 
-    # ---------------------------------------------------------------- incremental decoding
-    def new_cache(self) -> list:
-        """An empty KV cache (mlx-lm's) for `forward_embeddings`."""
-        return make_prompt_cache(self.model.language_model)
+    def embed_prompt(self, input_ids: Sequence[int], image_features: mx.array | None = None,
+                     experts: mx.array | None = None) -> mx.array:
+        plan = self.plan_prompt(list(input_ids), image_features is not None)
+        return self.model.splice(plan, image_features, experts)
 
-    def expert_outputs(self, image_features: mx.array | None) -> mx.array | None:
-        """The MoE experts' outputs for H_v (they do not depend on the text): cacheable per image."""
-        return None if image_features is None else self.model.expert_outputs(image_features)
-
-    def embed_prompt(
-        self, input_ids: list[int], image_features: mx.array | None, experts: mx.array | None = None
-    ) -> mx.array:
-        """[1, T', C] prompt embeddings: the visual tokens computed once, from the prompt's text."""
-        return self.model.splice(input_ids, image_features, experts=experts)
-
-    def embed_tokens(self, ids: list[int]) -> mx.array:
-        return self.model.embed_tokens(mx.array(ids))[None]
-
-    def forward_embeddings(self, embeds: mx.array, cache=None) -> mx.array:
-        """float32 logits [1, T, V] for embeddings that continue what `cache` holds (None: no cache)."""
+    # ---------------------------------------------------------------- the LLM
+    def forward_embeddings(self, embeds: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        if last_only:
+            return self.model.lm_logits(self.model.hidden_states(embeds, cache=cache)[:, -1:]).astype(mx.float32)
         return self.model(embeds, cache=cache).astype(mx.float32)
+
+    def batch_logits(self, batch: Sequence[tuple[Sequence[int], np.ndarray | None]],
+                     padding_side: str = "right") -> list[np.ndarray]:
+        with_image = [i for i, (_, p) in enumerate(batch) if p is not None]
+        plan = plan_prompts([list(ids) for ids, _ in batch], self.num_visual_tokens if with_image else 0,
+                            padding_side)
+        feats = self.image_features(np.concatenate([batch[i][1] for i in with_image])) if with_image else None
+        embeds = self.model.splice(plan, feats)
+        # right padding needs only the causal mask; left padding: BatchKVCache masks it and offsets positions
+        pads = (plan.shape[1] - plan.lengths).tolist()
+        cache = [BatchKVCache(pads) for _ in self.model.layers] if padding_side == "left" else None
+        logits = self.to_numpy(self.model(embeds, cache=cache))
+        return [logits[i][plan.attention_mask[i]] for i in range(len(batch))]
+
+    def new_cache(self) -> list:
+        return make_prompt_cache(self.model.language_model)
 
     def cache_length(self, cache: list) -> int:
         return cache[0].offset
 
     def trim_cache(self, cache: list, n: int) -> None:
-        """Drops the last n positions."""
         if n > 0:
             for c in cache:
                 c.trim(n)
 
-    # ---------------------------------------------------------------- generation
+    # ---------------------------------------------------------------- decoding
     def generate_tokens(self, embeds: mx.array, cache: list, params: SamplingParams) -> Iterator[int]:
         return generate_tokens(self.model, embeds, cache, params)
 
-    def generate_tokens_batch(
-        self, embeds: list[mx.array], params: list[SamplingParams], stop: frozenset[int]
-    ) -> Iterator[list[tuple[int, int]]]:
-        """Several prompts decoded together; per step, (request index, token) of the rows still running."""
-        return generate_tokens_batch(self.model, embeds, params, stop)
+    def generate_tokens_batch(self, embeds: Sequence[mx.array], params: Sequence[SamplingParams],
+                              stop: frozenset[int]) -> Iterator[list[tuple[int, int]]]:
+        return generate_tokens_batch(self.model, list(embeds), list(params), stop)
+
+    # ---------------------------------------------------------------- arrays and device
+    def to_numpy(self, array: mx.array) -> np.ndarray:
+        return np.array(array.astype(mx.float32))
 
     def evaluate(self, *arrays) -> None:
         mx.eval([a for a in arrays if a is not None])
@@ -99,5 +97,4 @@ class MLXParrot(ParrotModel):
         mx.reset_peak_memory()
 
     def peak_memory(self) -> int:
-        """Bytes since the last reset (mx.get_peak_memory: the CPU and Metal devices alike)."""
         return mx.get_peak_memory()

@@ -29,7 +29,7 @@ def generate_tokens_batch(
     model, embeds: list[mx.array], params: list[SamplingParams], stop: frozenset[int]
 ) -> Iterator[list[tuple[int, int]]]:
     """Prefills the prompts `embeds` (each [1, T_i, C]) together, then yields, per decode step, the
-    (request index, token id) of every row still running. `model` is the MLX Parrot `Model`."""
+    (request index, token id) of every row still running. `model` is the MLX `ParrotForCausalLM`."""
     lm = model.language_model
     T = max(e.shape[1] for e in embeds)
     pads = [T - e.shape[1] for e in embeds]

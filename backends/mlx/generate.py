@@ -54,7 +54,7 @@ class Sampler:
 def generate_tokens(model, embeds: mx.array, cache: list, params: SamplingParams) -> Iterator[int]:
     """Prefills `embeds` [1, T, C] after what `cache` holds, then yields up to max_tokens token ids.
 
-    `model` is the MLX Parrot `Model`. Each token is fed back into the cache before it is yielded
+    `model` is the MLX `ParrotForCausalLM`. Each token is fed back into the cache before it is yielded
     (so after the caller stops at <|im_end|>, the cache holds it too).
     """
     lm = model.language_model

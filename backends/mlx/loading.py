@@ -11,7 +11,7 @@ from parrot.checkpoint import Checkpoint
 from parrot.errors import ParrotError
 from parrot.layout import QUANT_SUFFIXES, mlx_to_official_key, official_to_mlx_array, official_to_mlx_key
 
-from .model import Model
+from .model import ParrotForCausalLM
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -53,7 +53,7 @@ def mlx_weights(ckpt: Checkpoint) -> dict[str, mx.array]:
     return out
 
 
-def quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict) -> None:
+def quantize_like(model: ParrotForCausalLM, weights: dict[str, mx.array], quantization: dict) -> None:
     """Quantizes exactly the modules whose `.scales` the weights hold (mlx-lm's convention), with
     the model-wide {group_size, bits, mode} or a module's own entry (`quantization[path]`)."""
     gs, bits = quantization["group_size"], quantization["bits"]
@@ -68,8 +68,8 @@ def quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict
     nn.quantize(model, group_size=gs, bits=bits, mode=mode, class_predicate=predicate)
 
 
-def load_mlx_model(ckpt: Checkpoint, dtype: str = "float32") -> Model:
-    model = Model(ckpt.config, ckpt.tower.config)
+def load_mlx_model(ckpt: Checkpoint, dtype: str = "float32") -> ParrotForCausalLM:
+    model = ParrotForCausalLM(ckpt.config, ckpt.tower.config)
     weights = mlx_weights(ckpt)
     weights = {k: v for k, v in weights.items()
                if not (ckpt.config.tie_word_embeddings and k == "language_model.lm_head.weight")}

@@ -15,12 +15,12 @@ from parrot.adapter import Adapter
 from parrot.errors import ParrotError
 
 from .mlxlm import LoRALinear
-from .model import Model
+from .model import ParrotForCausalLM
 
 LORA_LEAVES = ("lora_a", "lora_b")
 
 
-def apply_lora(model: Model, modules: list[str], rank: int, scale: float, dropout: float) -> None:
+def apply_lora(model: ParrotForCausalLM, modules: list[str], rank: int, scale: float, dropout: float) -> None:
     """Replaces each named Linear / QuantizedLinear by a LoRALinear around it (A random, B zero)."""
     found = dict(model.named_modules())
     wrapped = []
@@ -32,12 +32,12 @@ def apply_lora(model: Model, modules: list[str], rank: int, scale: float, dropou
     model.update_modules(tree_unflatten(wrapped))
 
 
-def lora_weights(model: Model) -> dict[str, mx.array]:
+def lora_weights(model: ParrotForCausalLM) -> dict[str, mx.array]:
     """Every LoRA tensor of the model by name (`<module>.lora_a`, `<module>.lora_b`)."""
     return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in LORA_LEAVES}
 
 
-def apply_adapter(model: Model, adapter: Adapter) -> None:
+def apply_adapter(model: ParrotForCausalLM, adapter: Adapter) -> None:
     """Rebuilds a saved adapter (parrot.adapter.read_adapter, checked against the base) on a loaded model."""
     apply_lora(model, adapter.modules, adapter.rank, adapter.scale, adapter.dropout)
     model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in adapter.weights.items()], strict=False)

@@ -7,14 +7,12 @@ keys (parrot.layout): language_model.*, vision_tower.vision_model.*, mm_projecto
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from parrot.config import ParrotConfig, VisionConfig
-from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from parrot.splice import SplicePlan
 
 from .mlxlm import qwen2
 
@@ -178,54 +176,7 @@ class MultilingualMoE(nn.Module):
         return out
 
 
-@dataclass
-class BatchPlan:
-    """Where each token of a right-padded batch lands once the visual tokens are spliced in (numpy).
-
-    The source of output position (b, j) is `gather[b, j]` in the flat concatenation
-    [text embeddings (B*T) | visual tokens of the image rows (K*N) | one zero row (padding)]."""
-
-    text_ids: np.ndarray  # [B, T] ids, the placeholder and padding replaced by 0
-    context: np.ndarray  # [B, T] bool: the MoE's text context (valid text tokens whose label is ignored)
-    image_rows: np.ndarray  # [K] rows that hold a placeholder
-    gather: np.ndarray  # [B, T'] int32
-    labels: np.ndarray | None  # [B, T'] after splicing and truncation
-    lengths: np.ndarray  # [B] valid length of each row
-
-
-def plan_batch(
-    input_ids: np.ndarray, attention_mask: np.ndarray | None, labels: np.ndarray | None, num_visual: int,
-    max_length: int | None = None,
-) -> BatchPlan:
-    """The splice of backends/torch_cuda/model.py (right padding, truncation after splicing) as indices."""
-    B, T = input_ids.shape
-    valid = np.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-    is_img = (input_ids == IMAGE_TOKEN_INDEX) & valid
-    text = valid & ~is_img
-    context = text if labels is None else text & (labels == IGNORE_INDEX)
-    rows = np.flatnonzero(is_img.any(1))
-    width = np.where(is_img, num_visual, 1) * valid
-    start = np.cumsum(width, 1) - width
-    lengths = width.sum(1)
-    T2 = int(lengths.max())
-    if max_length is not None:
-        T2 = min(T2, max_length)
-        lengths = np.minimum(lengths, T2)
-    zero_row = B * T + len(rows) * num_visual
-    gather = np.full((B, T2), zero_row, np.int64)
-    new_labels = None if labels is None else np.full((B, T2), IGNORE_INDEX, labels.dtype)
-    b, t = np.nonzero(text & (start < T2))
-    gather[b, start[b, t]] = b * T + t
-    if new_labels is not None:
-        new_labels[b, start[b, t]] = labels[b, t]
-    for k, r in enumerate(rows):
-        p = int(np.flatnonzero(is_img[r])[0])
-        n = max(0, min(num_visual, T2 - start[r, p]))
-        gather[r, start[r, p]:start[r, p] + n] = B * T + k * num_visual + np.arange(n)
-    return BatchPlan(np.where(text, input_ids, 0), context, rows, gather.astype(np.int32), new_labels, lengths)
-
-
-class Model(nn.Module):
+class ParrotForCausalLM(nn.Module):
     def __init__(self, cfg: ParrotConfig, vision: VisionConfig):
         super().__init__()
         self.config = cfg
@@ -235,6 +186,7 @@ class Model(nn.Module):
         if cfg.has_moe:
             self.moe_model = MultilingualMoE(cfg)
 
+    # ------------------------------------------------------------ vision side
     def encode_images(self, pixels_nchw: mx.array) -> mx.array:
         """CLIP + projector: [B, 3, H, W] -> H_v [B, N, C] (before the MoE)."""
         h = self.vision_tower(pixels_nchw)
@@ -255,40 +207,37 @@ class Model(nn.Module):
             return None
         return self.moe_model.expert_outputs(image_features)
 
+    # ------------------------------------------------------------ splice
     def embed_tokens(self, ids: mx.array) -> mx.array:
         return self.language_model.model.embed_tokens(ids)
 
-    def splice(
-        self, input_ids: list[int], image_features: mx.array | None, text_mask: list[bool] | None = None,
-        experts: mx.array | None = None,
-    ) -> mx.array:
-        """[1, T', C] input embeddings: the placeholder replaced by MoE(H_v), text context = every text
-        token (or those with text_mask True, for training). experts: cached `expert_outputs(H_v)`."""
-        ids = mx.array([max(i, 0) for i in input_ids])
-        tok = self.embed_tokens(ids)[None]  # [1, T, C]
-        if IMAGE_TOKEN_INDEX not in input_ids or image_features is None:
-            return tok
-        p = input_ids.index(IMAGE_TOKEN_INDEX)
-        ctx = [i != IMAGE_TOKEN_INDEX and (text_mask is None or text_mask[j]) for j, i in enumerate(input_ids)]
-        visual = self.apply_moe(tok, mx.array(ctx)[None], image_features, experts)
-        return mx.concatenate([tok[:, :p], visual.astype(tok.dtype), tok[:, p + 1:]], axis=1)
-
-    def splice_batch(self, plan: BatchPlan, image_features: mx.array | None) -> mx.array:
-        """[B, T', C] input embeddings of a planned batch; image_features [K, N, C] (before the MoE)
-        are those of `plan.image_rows`. Padding positions are zeros."""
-        tok = self.embed_tokens(mx.array(plan.text_ids))  # [B, T, C]
-        B, T, C = tok.shape
-        parts = [tok.reshape(B * T, C)]
+    def splice(self, plan: SplicePlan, image_features: mx.array | None = None, experts: mx.array | None = None
+               ) -> mx.array:
+        """[B, T', C] input embeddings of a planned batch (parrot.splice): the word embeddings of
+        `plan.text_ids`, and MoE(H_v) for the rows `plan.image_rows` (image_features [K, N, C]; experts:
+        their cached `expert_outputs`), the MoE attending over each row's `plan.context`."""
+        tok = self.embed_tokens(mx.array(plan.text_ids))
+        visual = None
         if len(plan.image_rows):
             rows = mx.array(plan.image_rows)
-            visual = self.apply_moe(tok[rows], mx.array(plan.context[plan.image_rows]), image_features)
+            visual = self.apply_moe(tok[rows], mx.array(plan.context[plan.image_rows]), image_features, experts)
+        return self.place(plan, tok, visual)
+
+    @staticmethod
+    def place(plan: SplicePlan, tok: mx.array, visual: mx.array | None) -> mx.array:
+        """The plan's one gather over [word embeddings | visual tokens | a zero row]."""
+        B, T, C = tok.shape
+        parts = [tok.reshape(B * T, C)]
+        if visual is not None:
             parts.append(visual.reshape(-1, C).astype(tok.dtype))
         parts.append(mx.zeros((1, C), tok.dtype))
         return mx.concatenate(parts)[mx.array(plan.gather)]
 
-    def hidden_states(self, inputs_embeds: mx.array) -> mx.array:
-        """Final-norm hidden states [B, T, C], causal attention (right padding needs no other mask)."""
-        return self.language_model.model(None, input_embeddings=inputs_embeds)
+    # ------------------------------------------------------------ the LLM
+    def hidden_states(self, inputs_embeds: mx.array, cache=None) -> mx.array:
+        """Final-norm hidden states [B, T, C]: causal attention (right padding needs no other mask; a
+        left-padded batch passes mlx-lm's BatchKVCache, which masks the padding and offsets positions)."""
+        return self.language_model.model(None, cache=cache, input_embeddings=inputs_embeds)
 
     def lm_logits(self, h: mx.array) -> mx.array:
         lm = self.language_model

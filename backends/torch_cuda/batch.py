@@ -40,11 +40,11 @@ def generate_tokens_batch(
     ar = torch.arange(T, device=dev)[None]
     mask = ar >= pad
     cache = model.new_cache()
-    h = lm.decoder(x, mask, (ar - pad).clamp(min=0), cache=cache)
+    h = lm.hidden_states(x, mask, (ar - pad).clamp(min=0), cache=cache)
     samplers = [Sampler(p, dev) for p in params]
     rows = list(range(B))
     counts = [0] * B
-    y = sample_rows(samplers, rows, lm.lm_head(h[:, -1]).float())
+    y = sample_rows(samplers, rows, lm.lm_logits(h[:, -1]))
     pos = lengths.clone()
     while True:
         step, keep = advance_rows(rows, y.tolist(), counts, params, stop)
@@ -57,6 +57,6 @@ def generate_tokens_batch(
             mask, y, pos = mask[idx], y[idx], pos[idx]
             rows = [rows[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        h = lm.decoder(lm.model.embed_tokens(y[:, None]), mask, pos[:, None], cache=cache)
+        h = lm.hidden_states(lm.embed_tokens(y[:, None]), mask, pos[:, None], cache=cache)
         pos = pos + 1
-        y = sample_rows(samplers, rows, lm.lm_head(h[:, -1]).float())
+        y = sample_rows(samplers, rows, lm.lm_logits(h[:, -1]))

@@ -55,7 +55,7 @@ def generate_tokens(model, embeds: torch.Tensor, cache, params: SamplingParams) 
     for n in range(params.max_tokens):
         nxt = None
         if n + 1 < params.max_tokens:
-            emb = model.model.model.embed_tokens(y[None])
+            emb = model.model.embed_tokens(y[None])
             nxt = sampler(model.forward_embeddings(emb, cache, last_only=True)[:, -1])
         yield int(y.item())
         y = nxt

@@ -71,3 +71,4 @@ def load_torch_model(ckpt: Checkpoint, device: str = "cpu", dtype: str = "float3
         raise ParrotError(f"{ckpt.path}: no weights for {missing[:3]}")
     model.eval()
     return model
+

@@ -9,7 +9,6 @@ sharding is applied from outside.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,8 @@ from transformers import CLIPVisionConfig, Qwen2Config, Qwen2Model
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 
 from parrot.config import ParrotConfig, VisionConfig
-from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from parrot.constants import IGNORE_INDEX
+from parrot.splice import SplicePlan, plan_splice
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
@@ -137,15 +137,6 @@ class ParrotQwen2Model(Qwen2Model):
         self.moe_model = MultilingualMoE(cfg) if cfg.has_moe else None
 
 
-@dataclass
-class Spliced:
-    inputs_embeds: torch.Tensor  # [B, T', C]
-    attention_mask: torch.Tensor  # [B, T'] bool
-    position_ids: torch.Tensor  # [B, T']
-    labels: torch.Tensor | None  # [B, T']
-    lengths: torch.Tensor  # [B] valid length of each row
-
-
 class ParrotForCausalLM(nn.Module):
     def __init__(self, cfg: ParrotConfig, vision: VisionConfig):
         super().__init__()
@@ -177,87 +168,36 @@ class ParrotForCausalLM(nn.Module):
         return None if moe is None or not moe.use_moe else moe.expert_outputs(image_features)
 
     # ------------------------------------------------------------ splice
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
     def splice(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        max_length: int | None = None,
-        padding_side: str = "right",
-        expert_outputs: torch.Tensor | None = None,
-    ) -> Spliced:
-        """Replaces each row's image placeholder by its visual tokens, vectorized over the batch.
-
-        input_ids [B, T] with at most one -200 per row; image_features [B, N, C] before the MoE (row b
-        is used when row b has a placeholder). The MoE's text context is every valid text token whose
-        label is ignored (all of them at inference). Truncation to max_length happens after splicing.
-        expert_outputs: cached `expert_outputs(image_features)` (generation reuses them across turns).
-        """
-        B, T = input_ids.shape
-        dev = input_ids.device
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        is_img = (input_ids == IMAGE_TOKEN_INDEX) & valid
-        text_ids = torch.where(is_img | ~valid, torch.zeros_like(input_ids), input_ids)
-        tok = self.model.embed_tokens(text_ids)  # [B, T, C]
+        self, plan: SplicePlan, image_features: torch.Tensor | None = None, experts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, T', C] input embeddings of a planned batch (parrot.splice): the word embeddings of
+        `plan.text_ids`, and MoE(H_v) for the rows `plan.image_rows` (image_features [K, N, C]; experts:
+        their cached `expert_outputs`), the MoE attending over each row's `plan.context`."""
+        dev = self.model.embed_tokens.weight.device
+        tok = self.embed_tokens(torch.from_numpy(plan.text_ids).to(dev))
         visual = None
-        if image_features is not None:
-            ctx = valid & ~is_img
-            if labels is not None:
-                ctx = ctx & (labels == IGNORE_INDEX)
-            visual = self.apply_moe(tok, ctx, image_features, expert_outputs)
-        N = 0 if visual is None else visual.shape[1]
-        width = torch.where(is_img, N, 1) * valid
-        start = width.cumsum(1) - width
-        lengths = width.sum(1)
-        T2 = int(lengths.max())
-        if max_length is not None:
-            T2 = min(T2, max_length)
-            lengths = lengths.clamp(max=T2)
-        offset = (T2 - lengths) if padding_side == "left" else torch.zeros_like(lengths)
-        start = start + offset[:, None]
-        end_row = (offset + lengths)[:, None]
+        if len(plan.image_rows):
+            rows = torch.from_numpy(plan.image_rows).to(dev)
+            ctx = torch.from_numpy(plan.context[plan.image_rows]).to(dev)
+            visual = self.apply_moe(tok[rows], ctx, image_features, experts)
+        return self.place(plan, tok, visual)
 
-        text_sel = valid & ~is_img & (start < end_row)
-        b, t = text_sel.nonzero(as_tuple=True)
-        pos = start[b, t]
-        embeds = tok.new_zeros(B, T2, tok.shape[-1]).index_put((b, pos), tok[b, t])
-        new_labels = None
-        if labels is not None:
-            new_labels = torch.full((B, T2), IGNORE_INDEX, dtype=labels.dtype, device=dev)
-            new_labels = new_labels.index_put((b, pos), labels[b, t])
+    @staticmethod
+    def place(plan: SplicePlan, tok: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """The plan's one gather over [word embeddings | visual tokens | a zero row]."""
+        B, T, C = tok.shape
+        parts = [tok.reshape(B * T, C)]
         if visual is not None:
-            bi, ti = is_img.nonzero(as_tuple=True)
-            vpos = start[bi, ti][:, None] + torch.arange(N, device=dev)[None]  # [K, N]
-            keep = vpos < end_row[bi]
-            rows = bi[:, None].expand(-1, N)[keep]
-            embeds = embeds.index_put((rows, vpos[keep]), visual[bi][keep].to(embeds.dtype))
-            # every image row stays in the graph (text-only batches under ZeRO-3 / FSDP)
-            embeds = embeds + 0.0 * visual.sum()
-        ar = torch.arange(T2, device=dev)[None]
-        mask = (ar >= offset[:, None]) & (ar < end_row)
-        position_ids = (ar - offset[:, None]).clamp(min=0)
-        return Spliced(embeds, mask, position_ids, new_labels, lengths)
+            parts.append(visual.reshape(-1, C).to(tok.dtype))
+        parts.append(tok.new_zeros(1, C))
+        return torch.cat(parts)[torch.from_numpy(plan.gather).to(tok.device)]
 
-    # ------------------------------------------------------------ forward
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        max_length: int | None = None,
-        padding_side: str = "right",
-    ) -> tuple[torch.Tensor, Spliced]:
-        """Full forward (no cache): float32 logits [B, T', V] and the spliced batch (labels aligned)."""
-        if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
-        s = self.splice(input_ids, attention_mask, image_features, labels, max_length, padding_side)
-        h = self.decoder(s.inputs_embeds, s.attention_mask, s.position_ids)
-        return self.lm_head(h).float(), s
-
-    def decoder(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
+    # ------------------------------------------------------------ the LLM
+    def hidden_states(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
         """The Qwen2 stack: final-norm hidden states. `cache` (a transformers Cache) is updated in place."""
         out = self.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids,
@@ -265,9 +205,40 @@ class ParrotForCausalLM(nn.Module):
         )
         return out.last_hidden_state
 
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h).float()
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross entropy over label tokens, and their count (normalize globally)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        max_length: int | None = None,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, SplicePlan]:
+        """Full forward (no cache) of a right-padded batch (input_ids, attention_mask and labels [B, T],
+        planned on the host: pass them on the CPU), pixel_values [B, 3, H, W] for every row (zeros for
+        text-only rows): float32 logits [B, T', V] and the plan (its `labels` aligned with the logits)."""
+        host = [None if t is None else t.detach().cpu().numpy() for t in (input_ids, attention_mask, labels)]
+        feats = None if pixel_values is None else self.encode_images(pixel_values)
+        plan = plan_splice(host[0], 0 if feats is None else feats.shape[1], host[1], host[2], max_length, padding_side)
+        dev = self.model.embed_tokens.weight.device
+        if feats is None:
+            embeds = self.splice(plan)
+        else:  # the MoE runs on every row: vision, projector and MoE stay in the graph on every rank (ZeRO-3/FSDP)
+            tok = self.embed_tokens(torch.from_numpy(plan.text_ids).to(dev))
+            visual = self.apply_moe(tok, torch.from_numpy(plan.context).to(dev), feats)
+            rows = torch.from_numpy(plan.image_rows).to(dev)
+            embeds = self.place(plan, tok, visual[rows] if len(plan.image_rows) else None) + 0.0 * visual.sum()
+        mask, pos = (torch.from_numpy(a).to(dev) for a in (plan.attention_mask, plan.position_ids))
+        return self.lm_logits(self.hidden_states(embeds, mask, pos)), plan
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy over label tokens, and their count (normalize globally).
+    labels: [B, T'] (a tensor, or the plan's numpy labels)."""
+    labels = torch.as_tensor(labels, device=logits.device)
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)
     loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")

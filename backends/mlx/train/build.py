@@ -19,15 +19,15 @@ from parrot.train_source import ModelSource
 
 from ..loading import MX_DTYPES, mlx_weights, quantize_like, to_mx
 from ..lora import apply_lora
-from ..model import Model
+from ..model import ParrotForCausalLM
 
 
-def build_model(src: ModelSource, seed: int) -> Model:
+def build_model(src: ModelSource, seed: int) -> ParrotForCausalLM:
     """float32 model (a quantized base keeps its quantized layers): source weights, new modules at
     MLX's default init (seeded)."""
     cfg, vision = src.config, src.tower.config
     mx.random.seed(seed)
-    model = Model(cfg, vision)
+    model = ParrotForCausalLM(cfg, vision)
     ckpt = src.checkpoint
     if ckpt is not None and ckpt.quantized:
         weights = mlx_weights(ckpt)
@@ -48,7 +48,7 @@ def build_model(src: ModelSource, seed: int) -> Model:
     return model
 
 
-def set_trainable(model: Model, tc: TrainConfig) -> list[str]:
+def set_trainable(model: ParrotForCausalLM, tc: TrainConfig) -> list[str]:
     """Without --lora, the torch backend's set: stage 1 the projector; stage 2 projector, MoE (unless
     bypassed) and LLM; the vision tower if asked. With --lora: the adapters only (everything else
     frozen). Returns the LoRA module paths (empty without --lora)."""
@@ -68,7 +68,7 @@ def set_trainable(model: Model, tc: TrainConfig) -> list[str]:
     return []
 
 
-def cast_frozen(model: Model, dtype: str) -> None:
+def cast_frozen(model: ParrotForCausalLM, dtype: str) -> None:
     """Frozen float weights in the compute dtype; trainable ones stay float32 (master weights)."""
     if dtype == "float32":
         return
@@ -86,7 +86,7 @@ def _part(name: str) -> str:
             else "MoE" if name.startswith("moe_model.") else "LLM")
 
 
-def num_parameters(model: Model) -> int:
+def num_parameters(model: ParrotForCausalLM) -> int:
     """Parameter count, a quantized weight counted at its float size (scales and biases not counted)."""
     n = 0
     for _, m in model.named_modules():
@@ -103,7 +103,7 @@ def num_parameters(model: Model) -> int:
     return n
 
 
-def trainable_summary(model: Model) -> str:
+def trainable_summary(model: ParrotForCausalLM) -> str:
     groups: dict[str, int] = {}
     for name, v in tree_flatten(model.trainable_parameters()):
         groups[_part(name)] = groups.get(_part(name), 0) + v.size
@@ -128,7 +128,7 @@ def _checkpointed_class(base: type) -> type:
     return _CHECKPOINTED[base]
 
 
-def enable_grad_checkpoint(model: Model) -> None:
+def enable_grad_checkpoint(model: ParrotForCausalLM) -> None:
     """Recompute each Qwen2 decoder layer (and CLIP layer when it trains) in the backward pass.
 
     Only these instances change class (mlx-lm's grad_checkpoint patches the class for every model)."""

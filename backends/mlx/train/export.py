@@ -32,10 +32,11 @@ from parrot.train_source import ModelSource, move_model_into, write_model_descri
 
 from ..loading import to_np
 from ..lora import lora_weights
-from ..model import Model
+from ..model import ParrotForCausalLM
 
 
-def _tensors(model: Model, src: ModelSource, dtype: np.dtype, layout: str) -> list[tuple[TensorSpec, Callable]]:
+def _tensors(model: ParrotForCausalLM, src: ModelSource, dtype: np.dtype,
+             layout: str) -> list[tuple[TensorSpec, Callable]]:
     """(spec, read) per output tensor, in `layout`: the model's parameters, then CLIP's unused ones."""
     out = []
     for k, v in tree_flatten(model.parameters()):
@@ -55,7 +56,7 @@ def _tensors(model: Model, src: ModelSource, dtype: np.dtype, layout: str) -> li
     return out
 
 
-def export_model(model: Model, src: ModelSource, out: Path, dtype: str, max_length: int,
+def export_model(model: ParrotForCausalLM, src: ModelSource, out: Path, dtype: str, max_length: int,
                  layout: str = "official", max_shard_bytes: int = 5 * 1024**3) -> None:
     """The trained model into `out` (official or MLX layout), in `dtype`; one tensor in memory at a time."""
     tmp = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out))
@@ -72,7 +73,7 @@ def export_model(model: Model, src: ModelSource, out: Path, dtype: str, max_leng
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_adapter(model: Model, src: ModelSource, tc: TrainConfig, modules: list[str], out: Path,
+def export_adapter(model: ParrotForCausalLM, src: ModelSource, tc: TrainConfig, modules: list[str], out: Path,
                    steps: int) -> None:
     """adapters.safetensors + adapter_config.json (mlx-lm's names) into `out`."""
     weights = {k: to_np(v).astype(np.float32) for k, v in lora_weights(model).items()}

@@ -1,27 +1,27 @@
 """`parrot train --backend mlx`: the training loop on the MLX model (full fine-tuning, LoRA, QLoRA).
 
-The same loop as the torch backend's: count the global batch's label tokens -> for each
-micro-batch: forward -> summed loss / that count -> gradients (accumulated) -> clip + AdamW step
-at the scheduled lr -> log -> checkpoint. Data order, step plan, lr schedule, metrics rows and
-checkpoint layout are shared with the torch trainer (parrot.schedule, parrot.run_dir).
+`MLXEngine` runs one step: count the global batch's label tokens -> for each micro-batch: forward
+-> summed loss / that count -> gradients (accumulated) -> clip + AdamW step at the scheduled lr. The
+run around it (resume, metrics, progress, checkpoints, export) is the shared one (parrot.train_loop),
+as are the data order, step plan and lr schedule (parrot.schedule).
 """
 
 from __future__ import annotations
 
 import platform
 import random
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
-from tqdm import tqdm
 
 from parrot.errors import ParrotError
-from parrot.run_dir import STATE_NAME, RunDir, host_rng_state, read_json, set_host_rng_state, write_json
 from parrot.schedule import StepPlan, cosine_lr_factor, warmup_steps
+from parrot.train_loop import StepStats, run_steps
 from parrot.training import PreparedRun
 
 from .build import build_model, cast_frozen, enable_grad_checkpoint, set_trainable, trainable_summary
@@ -34,121 +34,102 @@ from .step import loss_sum, prepare
 
 def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool = True) -> Path:
     """Trains a prepared run (`parrot.training.train` prepares it); returns the output directory."""
-    tc, run, data, tokenizer, src = p.config, p.run, p.data, p.tokenizer, p.source
-    echo = p.echo
+    tc, data, src = p.config, p.data, p.source
     random.seed(tc.seed)
     np.random.seed(tc.seed)
-
-    # ---- model
     plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps)
     model = build_model(src, tc.seed)
     lora_modules = set_trainable(model, tc)
     cast_frozen(model, tc.dtype)
-    echo(trainable_summary(model))
+    p.echo(trainable_summary(model))
     if tc.gradient_checkpointing:
         enable_grad_checkpoint(model)
     model.train()
-    n_warmup = warmup_steps(plan.total_steps, tc.warmup_ratio)
     optimizer = TorchAdamW(tc.lr, tc.weight_decay)
     optimizer.init(model.trainable_parameters())
-    num_visual = src.config.num_visual_tokens(src.tower.config)
+    n_warmup = warmup_steps(plan.total_steps, tc.warmup_ratio)
+    engine = MLXEngine(p, model, optimizer, lora_modules, plan, n_warmup)
+    return run_steps(p, engine, plan, n_warmup, stop_after, progress)
 
-    def scaled_loss(mb, inv_count):
-        s = loss_sum(model, mb)
-        return s * inv_count, s
 
-    loss_and_grad = nn.value_and_grad(model, scaled_loss)
+class MLXEngine:
+    """One optimizer step of the MLX model: gradients accumulated over the micro-batches, clipped, AdamW."""
 
-    # ---- resume
-    start = 0
-    if p.resume_from is not None:
-        state = read_json(p.resume_from / STATE_NAME)
+    rank, world_size = 0, 1
+
+    def __init__(self, p: PreparedRun, model, optimizer: TorchAdamW, lora_modules: list[str], plan: StepPlan,
+                 n_warmup: int):
+        self.p, self.model, self.optimizer, self.lora_modules = p, model, optimizer, lora_modules
+        self.plan, self.n_warmup = plan, n_warmup
+        self.num_visual = p.source.config.num_visual_tokens(p.source.tower.config)
+        self.mode = ("qlora" if p.source.config.quantization else "lora") if p.config.lora else "full"
+
+        def scaled_loss(mb, inv_count):
+            s = loss_sum(model, mb)
+            return s * inv_count, s
+
+        self.loss_and_grad = nn.value_and_grad(model, scaled_loss)
+
+    def describe(self) -> tuple[str, str]:
+        return "", f"{self.mode} fine-tuning, {self.p.config.dtype} on MLX ({mx.default_device()})"
+
+    def run_config_extra(self) -> dict[str, Any]:
+        return {"mlx": mx.__version__, "device": str(mx.default_device()), "mode": self.mode,
+                "lora_modules": len(self.lora_modules)}
+
+    def state_extra(self) -> dict[str, Any]:
+        return {"backend": BACKEND_MARK, "machine": platform.machine()}
+
+    def load(self, checkpoint: Path, state: dict[str, Any]) -> None:
         if state.get("backend") != BACKEND_MARK:
-            raise ParrotError(f"--resume: {p.resume_from} was saved by the torch trainer; resume it with "
+            raise ParrotError(f"--resume: {checkpoint} was saved by the torch trainer; resume it with "
                               "--backend cpu/cuda, or start a new MLX run in another --output")
-        load_state(model, optimizer, p.resume_from)
-        start = state["step"]
-        set_host_rng_state(state["host_rng"])
-        echo(f"resumed from {p.resume_from} (step {start} of {plan.total_steps})")
-    mode = ("qlora" if src.config.quantization else "lora") if tc.lora else "full"
-    run_config = p.run_config(plan, n_warmup, mlx=mx.__version__, device=str(mx.default_device()), mode=mode,
-                              lora_modules=len(lora_modules))
-    run.truncate_metrics(start)
-    write_json(run.run_config, run_config)
-    echo(f"{plan.total_steps} steps of {plan.global_batch} samples ({tc.batch_size} x {tc.grad_accum} accumulation)"
-         f", lr {tc.lr:g}, {mode} fine-tuning, {tc.dtype} on MLX ({mx.default_device()})")
+        load_state(self.model, self.optimizer, checkpoint)
 
-    # ---- the loop
-    batches = step_batches(data, plan, start, tokenizer.pad_id, tc.num_workers)
-    bar = tqdm(total=plan.total_steps, initial=start, desc=f"stage {tc.stage}", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    peak = 0.0
-    for step in range(start, plan.total_steps):
-        if stop_after is not None and step >= stop_after:
-            break
-        t0 = time.perf_counter()
+    def batches(self, plan: StepPlan, start: int) -> Iterator[list[dict[str, Any]]]:
+        return step_batches(self.p.data, plan, start, self.p.tokenizer.pad_id, self.p.config.num_workers)
+
+    def step(self, step: int, micro: list[dict[str, Any]]) -> StepStats:
+        tc = self.p.config
         mx.reset_peak_memory()
-        micro = next(batches)
         n_labels = sum(b["num_label_tokens"] for b in micro)
         loss_total, count, grads = 0.0, 0, None
         for i, b in enumerate(micro):
             mx.random.seed(_dropout_seed(tc.seed, step, i))  # LoRA dropout masks: a function of the step
-            mb = prepare(b, num_visual, tc.max_length)
-            (_, s), g = loss_and_grad(mb, 1.0 / n_labels)
+            mb = prepare(b, self.num_visual, tc.max_length)
+            (_, s), g = self.loss_and_grad(mb, 1.0 / n_labels)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(s, grads)
             loss_total += float(s)
             count += mb.num_labels
         if count != n_labels:  # the data's count normalized the loss
             raise RuntimeError(f"step {step + 1}: the model saw {count} label tokens, the data counted {n_labels}")
-        lr = tc.lr * cosine_lr_factor(step, plan.total_steps, n_warmup)
+        lr = tc.lr * cosine_lr_factor(step, self.plan.total_steps, self.n_warmup)
         grads, norm = clip_grad_norm(grads, tc.max_grad_norm)
-        optimizer.lr = lr
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state, norm)
-        dt = time.perf_counter() - t0
-        tokens = sum(b["num_tokens"] for b in micro)
-        padded = sum(b["padded_tokens"] for b in micro)
-        loss = loss_total / n_labels
-        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens / dt,
-               "padding_fraction": 1 - tokens / padded, "num_tokens": int(tokens), "num_label_tokens": int(n_labels),
-               "epoch": plan.position(step)[0], "peak_memory_gib": mx.get_peak_memory() / 2**30}
-        run.log_metrics(row)
-        peak = max(peak, row["peak_memory_gib"])
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}",
-                        mem=f"{row['peak_memory_gib']:.2f}G")
-        bar.update(1)
-        if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps:
-            _save_checkpoint(run, model, optimizer, step + 1, plan, run_config, tc.save_total_limit)
-    bar.close()
-    if peak:
-        size = f"{peak:.2f} GiB" if peak >= 1 else f"{peak * 1024:.0f} MiB"
-        echo(f"peak memory: {size} (MLX, {mx.default_device()})")
+        self.optimizer.lr = lr
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state, norm)
+        return StepStats(loss_total, n_labels, float(norm), lr, sum(b["num_tokens"] for b in micro),
+                         sum(b["padded_tokens"] for b in micro), mx.get_peak_memory() / 2**30)
 
-    done = run.latest_checkpoint() is not None and run.checkpoint_steps()[-1] >= plan.total_steps
-    if stop_after is not None and not done:
-        echo(f"stopped after step {min(stop_after, plan.total_steps)}; continue with --resume")
-        return run.root
-    if tc.lora:
-        export_adapter(model, src, tc, lora_modules, run.root, plan.total_steps)
-        echo(f"saved the LoRA adapter to {run.root} (use it: parrot chat --model {src.tokenizer_dir} "
-             f"--adapter {run.root}; fuse it: parrot convert ... --fuse-adapter {run.root})")
-    else:
-        export_model(model, src, run.root, tc.dtype, tc.max_length, layout=tc.save_layout)
-        echo(f"saved the trained model to {run.root} (next stage: --model {run.root})")
-    return run.root
+    def save(self, directory: Path) -> None:
+        save_state(self.model, self.optimizer, directory)
+
+    def export(self, out: Path) -> str:
+        tc, src = self.p.config, self.p.source
+        if tc.lora:
+            export_adapter(self.model, src, tc, self.lora_modules, out, self.plan.total_steps)
+            return (f"saved the LoRA adapter to {out} (use it: parrot chat --model {src.tokenizer_dir} "
+                    f"--adapter {out}; fuse it: parrot convert ... --fuse-adapter {out})")
+        export_model(self.model, src, out, tc.dtype, tc.max_length, layout=tc.save_layout)
+        return f"saved the trained model to {out} (next stage: --model {out})"
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _dropout_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + micro) % 2**63
-
-
-def _save_checkpoint(run: RunDir, model, optimizer: TorchAdamW, step: int, plan: StepPlan, run_config: dict,
-                     keep: int | None) -> None:
-    tmp = run.staging_dir(step)
-    save_state(model, optimizer, tmp)
-    write_json(tmp / "run_config.json", run_config)
-    epoch, offset = plan.position(step)
-    state = {"step": step, "epoch": epoch, "sample_offset": offset, "total_steps": plan.total_steps,
-             "host_rng": host_rng_state(), "backend": BACKEND_MARK, "machine": platform.machine()}
-    run.commit(tmp, step, state, keep)

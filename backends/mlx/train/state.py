@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from parrot.errors import ParrotError
 from parrot.fsutil import atomic_output_file
 
-from ..model import Model
+from ..model import ParrotForCausalLM
 from .optim import TorchAdamW
 
 BACKEND_MARK = "mlx"  # trainer_state.json's "backend": a torch checkpoint does not resume here
@@ -31,7 +31,7 @@ def _read(path: Path) -> dict[str, mx.array]:
         raise ParrotError(f"{path}: unreadable safetensors ({e})") from None
 
 
-def save_state(model: Model, optimizer: TorchAdamW, directory: Path) -> None:
+def save_state(model: ParrotForCausalLM, optimizer: TorchAdamW, directory: Path) -> None:
     trainable = dict(tree_flatten(model.trainable_parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), trainable)
     moments = {}
@@ -45,7 +45,7 @@ def save_state(model: Model, optimizer: TorchAdamW, directory: Path) -> None:
         json.dump(meta, f, indent=1)
 
 
-def load_state(model: Model, optimizer: TorchAdamW, directory: Path) -> None:
+def load_state(model: ParrotForCausalLM, optimizer: TorchAdamW, directory: Path) -> None:
     trainable = dict(tree_flatten(model.trainable_parameters()))
     saved = _read(directory / "model.safetensors")
     if set(saved) != set(trainable):

@@ -16,13 +16,14 @@ import mlx.core as mx
 import numpy as np
 
 from parrot.constants import IGNORE_INDEX
+from parrot.splice import SplicePlan, plan_splice
 
-from ..model import BatchPlan, Model, plan_batch
+from ..model import ParrotForCausalLM
 
 
 @dataclass
 class MicroBatch:
-    plan: BatchPlan
+    plan: SplicePlan
     pixels: mx.array | None  # [K, 3, H, W] of plan.image_rows
     rows: mx.array  # (rows, cols): positions whose next token is a label
     cols: mx.array
@@ -32,7 +33,7 @@ class MicroBatch:
 
 def prepare(batch: dict[str, Any], num_visual: int, max_length: int | None) -> MicroBatch:
     """A collated numpy micro-batch (parrot.data.collate) planned for the MLX model."""
-    plan = plan_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], num_visual, max_length)
+    plan = plan_splice(batch["input_ids"], num_visual, batch["attention_mask"], batch["labels"], max_length)
     nxt = plan.labels[:, 1:]
     rows, cols = np.nonzero(nxt != IGNORE_INDEX)
     pixels = mx.array(batch["pixel_values"][plan.image_rows]) if len(plan.image_rows) else None
@@ -40,16 +41,16 @@ def prepare(batch: dict[str, Any], num_visual: int, max_length: int | None) -> M
                       mx.array(nxt[rows, cols].astype(np.int32)), int(len(rows)))
 
 
-def loss_sum(model: Model, mb: MicroBatch) -> mx.array:
+def loss_sum(model: ParrotForCausalLM, mb: MicroBatch) -> mx.array:
     """Summed next-token cross entropy over the micro-batch's label tokens (float32)."""
     feats = model.encode_images(mb.pixels) if mb.pixels is not None else None
-    h = model.hidden_states(model.splice_batch(mb.plan, feats))
+    h = model.hidden_states(model.splice(mb.plan, feats))
     logits = model.lm_logits(h[mb.rows, mb.cols]).astype(mx.float32)  # [M, V]
     picked = mx.take_along_axis(logits, mb.targets[:, None], axis=-1)[:, 0]
     return mx.sum(mx.logsumexp(logits, axis=-1) - picked)
 
 
-def full_logits(model: Model, mb: MicroBatch) -> mx.array:
+def full_logits(model: ParrotForCausalLM, mb: MicroBatch) -> mx.array:
     """float32 logits [B, T', V] at every spliced position (tests and diagnostics)."""
     feats = model.encode_images(mb.pixels) if mb.pixels is not None else None
-    return model.lm_logits(model.hidden_states(model.splice_batch(mb.plan, feats))).astype(mx.float32)
+    return model.lm_logits(model.hidden_states(model.splice(mb.plan, feats))).astype(mx.float32)

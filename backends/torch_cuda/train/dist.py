@@ -26,9 +26,10 @@ def ensure_launch_env() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
 
 
-def local_device(backend: str) -> torch.device:
-    if backend != "cuda":
-        return torch.device("cpu")
+def local_device(kind: str) -> torch.device:
+    """The device of this process: the CPU, or the GPU LOCAL_RANK names (torchrun sets it)."""
+    if kind != "cuda":
+        return torch.device(kind)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)

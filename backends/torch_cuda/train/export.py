@@ -25,8 +25,6 @@ from parrot.train_source import ModelSource, move_model_into, write_model_descri
 from ..loading import TORCH_DTYPES, to_torch
 from .strategy import Strategy
 
-MODEL_DIR = "model"  # a checkpoint's model description (config, tokenizer, preprocessor settings)
-
 
 def _shards(tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     shard: dict[str, torch.Tensor] = {}

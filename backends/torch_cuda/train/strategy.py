@@ -69,6 +69,12 @@ class Strategy(Protocol):
     def close(self) -> None:
         """Ends the process group, if any (after the export)."""
 
+    def describe(self) -> str:
+        """The sharding, for the run's header line ("" for none, "FSDP2", "DeepSpeed ZeRO-3")."""
+
+    def run_config_extra(self) -> dict[str, Any]:
+        """What the run config records about the sharding."""
+
 
 def clip_and_step(params, max_grad_norm: float | None, optimizer, scheduler) -> torch.Tensor:
     """Clips the gradients' global norm, steps optimizer and schedule, zeroes the gradients; returns the
@@ -160,3 +166,9 @@ class SingleProcess:
 
     def close(self) -> None:
         pass
+
+    def describe(self) -> str:
+        return ""
+
+    def run_config_extra(self) -> dict[str, Any]:
+        return {}

@@ -8,7 +8,7 @@ loss itself, so DeepSpeed neither divides by the accumulation steps nor averages
 Checkpoints are DeepSpeed-native (`engine.save_checkpoint`, tag "deepspeed"): `zero_to_fp32.py`
 (which DeepSpeed copies next to them) and `parrot convert` consolidate them. Resuming with another
 number of processes consolidates each trained parameter (master weights and Adam moments, read with
-parrot.zero_checkpoint) and sets it into the new partitions. (DeepSpeed 0.19's universal checkpoint
+parrot.backends.torch_cuda.zero_checkpoint) and sets it into the new partitions. (DeepSpeed 0.19's universal checkpoint
 resumes ZeRO-2 exactly but drifted after the first step at ZeRO-3 in our tests, so it is not used.)
 """
 
@@ -24,8 +24,8 @@ from torch import nn
 
 from parrot.ds_config import ResolvedDeepSpeed
 from parrot.errors import ParrotError
-from parrot.zero_checkpoint import ZeroCheckpoint
 
+from ..zero_checkpoint import ZeroCheckpoint
 from .dist import Collectives, init_process_group
 from .strategy import OptimSpec, param_groups
 
@@ -159,6 +159,9 @@ class DeepSpeedStrategy(Collectives):
             if self.rank == 0:
                 yield name, full
             del full
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage}"
 
     def run_config_extra(self) -> dict[str, Any]:
         return {"deepspeed_config": self.resolved.file}

@@ -115,3 +115,9 @@ class FSDPStrategy(Collectives):
                 yield name, full
             del full
         dist.barrier()
+
+    def describe(self) -> str:
+        return "FSDP2"
+
+    def run_config_extra(self) -> dict[str, Any]:
+        return {}

@@ -12,7 +12,8 @@ group's flat float32 master weights and optimizer state). The layout, as `zero_t
   piece R of each, in order, in its flat groups (the last piece padded).
 
 The files are torch pickles: loaded with `weights_only=True`; DeepSpeed's three small bookkeeping
-classes stored in them are read as opaque stand-ins. torch is imported lazily (parrot_core rule).
+classes stored in them are read as opaque stand-ins. torch is imported lazily (`parrot convert` of
+other sources runs without it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ParrotError
+from parrot.errors import ParrotError
 
 # DeepSpeed classes pickled inside optimizer states (a loss scaler, an enum, a fragment address)
 _DEEPSPEED_GLOBALS = (

@@ -2,7 +2,7 @@
 (`{"model": model state dict, "optimizer": ...}`), one full tensor at a time, in one process.
 
 DCP's `.metadata` is a pickle written by torch itself (DCP reads it with `pickle.load`): open
-checkpoints you trust. torch is imported lazily (parrot_core rule).
+checkpoints you trust. torch is imported lazily (`parrot convert` of other sources runs without it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .errors import ParrotError
+from parrot.errors import ParrotError
 
 PREFIX = "model."  # the model state dict's keys in the flattened DCP namespace
 
