@@ -120,12 +120,17 @@ def eval_command(data, model_path, backend, output, batch_size, limit, max_token
             "limit": limit, "judge": judge_model}
     settings = EvalSettings(batch_size=batch_size, limit=limit, max_tokens=max_tokens, progress=not quiet)
     try:
-        evaluate(sources, output, model=model, predictions=list(predictions) or None, judge=judge, settings=settings,
-                 rank=rank, world=world, barrier=group.barrier if group else None, echo=echo, meta=meta)
+        summary = evaluate(sources, output, model=model, predictions=list(predictions) or None, judge=judge,
+                           settings=settings, rank=rank, world=world, barrier=group.barrier if group else None,
+                           echo=echo, meta=meta)
     except KeyboardInterrupt:
         click.echo(f"Interrupted. The answers so far are kept in {output}; run the same command again to continue.",
                    err=True)
         sys.exit(130)
+    if rank == 0:
+        from parrot.eval.report import results_table
+
+        click.echo(results_table({s.name: summary["datasets"][s.name]["overall"] for s in sources}))
     if group is not None:
         group.close()
         # gloo's threads can abort the interpreter's teardown after a good run (as in `parrot train`)

@@ -19,7 +19,6 @@ from .predictions import SUFFIXES, AnswerFile, cell, output_columns, read_predic
 from .report import (
     dataset_summary,
     read_summary,
-    results_table,
     write_acc_csv,
     write_plot,
     write_result_tsv,
@@ -136,7 +135,6 @@ def evaluate(
         out_dir.mkdir(parents=True, exist_ok=True)
     if barrier is not None:
         barrier()
-    figures: dict[str, float | None] = {}
     for ds in datasets:
         for key, problem in list(ds.problems.items())[:3]:
             if rank == 0:
@@ -177,14 +175,12 @@ def evaluate(
         write_acc_csv(scored, out_dir / f"{ds.name}_acc.csv")
         write_result_tsv(scored, out_dir / f"{ds.name}_result.tsv")
         summary["datasets"][ds.name] = dataset_summary(scored, **extra)
-        figures[ds.name] = scored.overall
     if rank != 0:
         return {}
     summary.update({k: v for k, v in (meta or {}).items()})
     write_summary(out_dir, summary)
     if not write_plot(out_dir, summary):
         echo("summary.png not drawn: matplotlib is not installed (pip install 'parrot-vlm[plot]')")
-    echo(results_table(figures))
     return summary
 
 
