@@ -110,19 +110,19 @@ def eval_command(data, model_path, backend, output, batch_size, limit, max_token
     judge = LLMJudge(judge_url, judge_model, seed=judge_seed) if judge_url else None
     if judge is not None and rank == 0:
         judge.check()
-    model = None
-    if model_path is not None:
+
+    def load_model():
         import parrot
 
         echo(f"Loading {model_path} ({backend})...")
-        model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter)
+        return parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter)
     meta = {"model": model_path, "backend": backend if model_path else None, "max_tokens": max_tokens,
             "limit": limit, "judge": judge_model}
     settings = EvalSettings(batch_size=batch_size, limit=limit, max_tokens=max_tokens, progress=not quiet)
     try:
-        summary = evaluate(sources, output, model=model, predictions=list(predictions) or None, judge=judge,
-                           settings=settings, rank=rank, world=world, barrier=group.barrier if group else None,
-                           echo=echo, meta=meta)
+        summary = evaluate(sources, output, predictions=list(predictions) or None, judge=judge, settings=settings,
+                           rank=rank, world=world, barrier=group.barrier if group else None, echo=echo, meta=meta,
+                           load_model=load_model if model_path else None)
     except KeyboardInterrupt:
         click.echo(f"Interrupted. The answers so far are kept in {output}; run the same command again to continue.",
                    err=True)

@@ -114,16 +114,20 @@ def evaluate(
     barrier: Callable[[], None] | None = None,
     echo: Callable[[str], None] = print,
     meta: dict[str, Any] | None = None,
+    load_model: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Answers (with `model`) or reads (`predictions`) every dataset, scores it, writes the outputs;
-    returns summary.json's content (on ranks other than 0: {}). See the `parrot eval` README section."""
+    returns summary.json's content (on ranks other than 0: {}). See the `parrot eval` README section.
+
+    load_model: instead of `model`, called once the data and the output folder are checked (so bad
+    input fails before a large model loads)."""
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
-    if (model is None) == (predictions is None):
+    if (model is None and load_model is None) == (predictions is None):
         raise ParrotError("give a model to answer the questions, or prediction files to score (not both)")
     pred_files = [Path(p).expanduser() for p in predictions or []]
     check_output(out_dir, [s.name for s in sources], [s.path for s in sources] + pred_files)
-    datasets = [read_dataset(s, need_images=model is not None) for s in sources]
+    datasets = [read_dataset(s, need_images=predictions is None) for s in sources]
     summary = read_summary(out_dir) if out_dir.exists() else {"datasets": {}}
     scored_files: dict[str, tuple[Path, list, list]] = {}
     if predictions is not None:
@@ -131,6 +135,8 @@ def evaluate(
             ds = next(d for d in datasets if d.name == name)
             rows = scored_rows(ds, df, path)
             scored_files[name] = (path, rows, _answer_records(ds, rows, out_dir))
+    if model is None and load_model is not None:
+        model = load_model()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     if barrier is not None:
@@ -160,7 +166,8 @@ def evaluate(
                 echo(f"{ds.name}: {len(unanswered)} rows could not be answered (scored as wrong); rerun the same "
                      "command to retry them")
             rows = scored_rows(ds, preds, preds_path, selected=run.selected)
-            extra.update(predictions=str(preds_path), unanswered=unanswered, errors=run.errors,
+            extra.update(predictions=str(preds_path), answered_before=run.answered_before,
+                         answered_now=run.answered, unanswered=unanswered, errors=run.errors,
                          questions_per_s=round(run.questions_per_s, 3))
         else:
             path, rows, records = scored_files[ds.name]
