@@ -85,7 +85,12 @@ class AnswerFile:
 
     def append(self, records: list[list[str]]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", encoding="utf-8", newline="") as f:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a", encoding="utf-8", newline="")
+        except OSError as e:
+            raise ParrotError(f"{self.path}: cannot write the answers ({e.strerror})") from None
+        with f:
             w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
             if new:
                 w.writerow(self.columns)
