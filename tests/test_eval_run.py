@@ -92,7 +92,7 @@ def test_torn_last_record_is_dropped_and_repaired(tmp_path, cpu_model):
     assert s["answered_now"] == 1 and path.read_bytes() == whole
 
 
-def test_sigkilled_run_resumes_without_answering_twice(tmp_path, tiny_ckpt):
+def test_sigkilled_run_resumes_without_answering_twice(tmp_path, tiny_ckpt, cpu_model):
     data = write_tsv(tmp_path / "toy_en.tsv", mcq_rows(12))
     out = tmp_path / "out"
 
@@ -121,8 +121,8 @@ def test_sigkilled_run_resumes_without_answering_twice(tmp_path, tiny_ckpt):
     entry = json.loads((out / "summary.json").read_text())["datasets"]["toy_en"]
     assert entry["answered_before"] == done and entry["answered_now"] == 12 - done
     uninterrupted = tmp_path / "again"
-    p = subprocess.run(command(uninterrupted), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    evaluate([DataSource("toy_en", data)], uninterrupted, model=cpu_model,
+             settings=EvalSettings(max_tokens=16, progress=False), echo=lambda m: None)
     assert answers.read_bytes() == (uninterrupted / "toy_en.tsv").read_bytes()
 
 
