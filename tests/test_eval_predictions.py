@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 from eval_helpers import circular_rows, mcq_rows, write_tsv
 
-from conftest import assert_clean_failure, run_parrot
+from conftest import assert_clean_failure, run_parrot, without_packages
 from parrot.errors import ParrotError
 from parrot.eval import evaluate
 from parrot.eval.sources import DataSource
@@ -128,3 +130,15 @@ def test_cli_scores_predictions_and_refuses_bad_input(tmp_path):
     assert_clean_failure(run_parrot("eval", src.path, "--predictions", broken, "-o", tmp_path / "o2"),
                          "not a readable XLSX")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_optional_packages(tmp_path):
+    code = "import sys, parrot, parrot.cli.main; print('pandas' in sys.modules, 'matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False"] * 2
+    src = _data(tmp_path)
+    tsv = write_tsv(tmp_path / "p.tsv", [{"index": i, "prediction": p} for i, p in enumerate(PREDS)])
+    p = run_parrot("eval", src.path, "--predictions", tsv, "-o", tmp_path / "o", env=without_packages("pandas"))
+    assert_clean_failure(p, "needs pandas", "pip install 'parrot-vlm[eval]'")
+    p = run_parrot("eval", src.path, "--predictions", tsv, "-o", tmp_path / "o", env=without_packages("matplotlib"))
+    assert p.returncode == 0 and "matplotlib is not installed" in p.stderr
+    assert (tmp_path / "o" / "summary.json").exists() and not (tmp_path / "o" / "summary.png").exists()

@@ -211,7 +211,7 @@ def scored_rows(ds: EvalDataset, preds: pd.DataFrame | None, path: Path | None,
     for pos in positions:
         key, row = ds.keys[pos], ds.rows[pos]
         rec = by_key.get(key)
-        values = {**row, **{c: v for c, v in (rec or {}).items() if c not in ("index", PREDICTION)}}
+        values = {**row, **{c: v for c, v in (rec or {}).items() if c not in ("index", PREDICTION, "image")}}
         prediction = cell(rec[PREDICTION]) if rec is not None else ""
         prediction = prediction or "nan"  # VLMEvalKit reads an empty cell as NaN, then str() -> "nan"
         out.append(ScoredRow(key, values, cell(row["answer"]), prediction))
