@@ -122,15 +122,18 @@ def eval_command(data, model_path, backend, output, batch_size, limit, max_token
     try:
         summary = evaluate(sources, output, predictions=list(predictions) or None, judge=judge, settings=settings,
                            rank=rank, world=world, barrier=group.barrier if group else None, echo=echo, meta=meta,
-                           load_model=load_model if model_path else None)
+                           load_model=load_model if model_path else None, model_dir=model_path)
     except KeyboardInterrupt:
         click.echo(f"Interrupted. The answers so far are kept in {output}; run the same command again to continue.",
                    err=True)
         sys.exit(130)
     if rank == 0:
+        from parrot.eval.evaluate import problems_report
         from parrot.eval.report import results_table
 
         click.echo(results_table({s.name: summary["datasets"][s.name]["overall"] for s in sources}))
+        for line in problems_report(summary, [s.name for s in sources]):
+            click.echo(line, err=True)
     if group is not None:
         group.close()
         # gloo's threads can abort the interpreter's teardown after a good run (as in `parrot train`)

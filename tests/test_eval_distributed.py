@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from dist_helpers import launch
 from eval_helpers import circular_rows, mcq_rows, write_tsv
 
 from conftest import requires_torch
 
-pytestmark = requires_torch
+pytestmark = [requires_torch, pytest.mark.slow]
 
 
 def test_two_processes_equal_one(tmp_path, tiny_ckpt):

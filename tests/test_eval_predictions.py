@@ -119,6 +119,12 @@ def test_cli_scores_predictions_and_refuses_bad_input(tmp_path):
     p = run_parrot("eval", src.path, "--predictions", tsv, "--output", tmp_path / "out")
     assert p.returncode == 0, p.stderr
     assert "MMMB" in p.stdout and "40.00" in p.stdout
+    rows = mcq_rows(5)
+    rows[3]["answer"] = "E"  # not an option of row 3: reported at the end, scored as wrong, the run goes on
+    faulty = write_tsv(tmp_path / "faulty" / "MMMB_en.tsv", rows)
+    p = run_parrot("eval", faulty, "--predictions", tsv, "--output", tmp_path / "out-faulty")
+    assert p.returncode == 0 and "40.00" in p.stdout
+    assert "1 rows of DATA are faulty" in p.stderr and "index 3: answer 'E' is not one of its options" in p.stderr
     assert_clean_failure(run_parrot("eval", src.path, "--predictions", tsv, "--output", src.path.parent),
                          "would overwrite the input")
     assert_clean_failure(run_parrot("eval", src.path, "--predictions", tsv, "--model", "x", "-o", tmp_path / "o"),

@@ -136,3 +136,8 @@ def test_cli_bad_input_fails_before_loading(tmp_path, backend):
     assert_clean_failure(p, "missing column question")
     p = run_parrot("eval", data, "--model", "m", "--backend", backend, "-o", tmp_path / "o", "--batch-size", "0")
     assert_clean_failure(p, "--batch-size must be >= 1")
+    good = write_tsv(tmp_path / "good.tsv", mcq_rows(2))
+    (tmp_path / "model").mkdir()
+    p = run_parrot("eval", good, "--model", tmp_path / "model", "--backend", backend, "-o", tmp_path / "model" / "ev")
+    assert_clean_failure(p, "is inside the input")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "model" / "ev").exists()

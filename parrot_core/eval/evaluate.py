@@ -115,18 +115,22 @@ def evaluate(
     echo: Callable[[str], None] = print,
     meta: dict[str, Any] | None = None,
     load_model: Callable[[], Any] | None = None,
+    model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Answers (with `model`) or reads (`predictions`) every dataset, scores it, writes the outputs;
     returns summary.json's content (on ranks other than 0: {}). See the `parrot eval` README section.
 
     load_model: instead of `model`, called once the data and the output folder are checked (so bad
-    input fails before a large model loads)."""
+    input fails before a large model loads). model_dir: the model's folder, which the output must not be in."""
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
     if (model is None and load_model is None) == (predictions is None):
         raise ParrotError("give a model to answer the questions, or prediction files to score (not both)")
     pred_files = [Path(p).expanduser() for p in predictions or []]
-    check_output(out_dir, [s.name for s in sources], [s.path for s in sources] + pred_files)
+    inputs = [s.path for s in sources] + pred_files
+    if model_dir is not None and Path(model_dir).is_dir():
+        inputs.append(Path(model_dir))
+    check_output(out_dir, [s.name for s in sources], inputs)
     datasets = [read_dataset(s, need_images=predictions is None) for s in sources]
     summary = read_summary(out_dir) if out_dir.exists() else {"datasets": {}}
     scored_files: dict[str, tuple[Path, list, list]] = {}
@@ -142,17 +146,15 @@ def evaluate(
     if barrier is not None:
         barrier()
     for ds in datasets:
-        for key, problem in list(ds.problems.items())[:3]:
-            if rank == 0:
-                echo(f"{ds.name}: warning: index {key}: {problem} (scored as wrong, as VLMEvalKit does)")
         extra: dict[str, Any] = {"data": str(ds.path)}
         if ds.skipped_no_image and rank == 0:
             echo(f"{ds.name}: {ds.skipped_no_image} rows without an image are skipped, as VLMEvalKit does")
         if model is not None:
             run = answer_dataset(model, ds, out_dir, settings.batch_size, settings.limit, settings.max_tokens,
                                  rank, world, barrier, settings.progress and rank == 0)
-            for key, err in run.errors.items():
-                echo(f"{ds.name}: index {key} not answered: {err}")
+            if rank != 0:  # rank 0 reports its own rows at the end; the others here
+                for key, err in run.errors.items():
+                    echo(f"{ds.name}: index {key} not answered: {err}")
             if barrier is not None:
                 barrier()
             if rank != 0:
@@ -162,9 +164,6 @@ def evaluate(
             preds = read_predictions(preds_path)
             answered = {index_key(v) for v in preds["index"]}
             unanswered = [ds.keys[p] for p in run.selected if ds.keys[p] not in answered]
-            if unanswered:
-                echo(f"{ds.name}: {len(unanswered)} rows could not be answered (scored as wrong); rerun the same "
-                     "command to retry them")
             rows = scored_rows(ds, preds, preds_path, selected=run.selected)
             extra.update(predictions=str(preds_path), answered_before=run.answered_before,
                          answered_now=run.answered, unanswered=unanswered, errors=run.errors,
@@ -189,6 +188,24 @@ def evaluate(
     if not write_plot(out_dir, summary):
         echo("summary.png not drawn: matplotlib is not installed (pip install 'parrot-vlm[plot]')")
     return summary
+
+
+def problems_report(summary: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """Lines about rows that were not answered or whose data is wrong, for the end of a run."""
+    lines = []
+    for name in names:
+        entry = summary["datasets"].get(name, {})
+        unanswered, errors = entry.get("unanswered") or [], entry.get("errors") or {}
+        if unanswered:
+            shown = "; ".join(f"index {k}: {errors[k]}" for k in unanswered[:5] if k in errors)
+            lines.append(f"{name}: {len(unanswered)} rows could not be answered and count as wrong"
+                         f"{f' ({shown})' if shown else ''}; run the same command again to retry them")
+        problems = entry.get("data_problems") or {}
+        if problems:
+            shown = "; ".join(f"index {k}: {v}" for k, v in list(problems.items())[:5])
+            lines.append(f"{name}: {len(problems)} rows of DATA are faulty and count as wrong, as in VLMEvalKit "
+                         f"({shown}{'; ...' if len(problems) > 5 else ''})")
+    return lines
 
 
 def _answer_records(ds: EvalDataset, rows, out_dir: Path) -> list[list[str]] | None:

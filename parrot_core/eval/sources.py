@@ -109,9 +109,16 @@ def fetch(name: str, download: bool = True, progress: bool = True) -> Path:
         if p.is_file() and md5_file(p) == MD5[name]:
             return p
     dst = cache_dir() / file_name
+    stale = [str(folder / file_name) for folder in (cache_dir(), vlmevalkit_dir()) if (folder / file_name).is_file()]
     if not download:
         raise ParrotError(f"{name}: not in the cache ({dst}) and downloading is off")
-    download_file(URLS[name], dst, MD5[name], progress)
+    try:
+        download_file(URLS[name], dst, MD5[name], progress)
+    except ParrotError as e:
+        if stale:
+            raise ParrotError(f"{e} ({', '.join(stale)} does not have VLMEvalKit's md5 {MD5[name]}: a changed or "
+                              "partial copy; pass it as a file to use it anyway)") from None
+        raise
     return dst
 
 
