@@ -128,9 +128,11 @@ def write_plot(out_dir: Path, summary: dict[str, Any]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    datasets = summary["datasets"]
+    order = {LANGUAGE_NAMES[lang]: i for i, lang in enumerate(LANGUAGES)}
+    datasets = sorted(summary["datasets"].items(), key=lambda kv: (split_language(kv[0])[0],
+                                                                   order.get(split_language(kv[0])[1], 99)))
     families: dict[str, dict[str, dict]] = {}
-    for name, entry in datasets.items():
+    for name, entry in datasets:
         family, lang = split_language(name)
         families.setdefault(family if lang else name, {})[lang or name] = entry
     fig, axes = plt.subplots(1 + len(families), 1, figsize=(12, 3.5 * (1 + len(families))), squeeze=False)

@@ -148,7 +148,7 @@ def _answer_chunk(model, ds: EvalDataset, chunk: list[int], params: SamplingPara
         except ParrotError as e:
             errors[key] = str(e)
     answers = _generate(model, [r for _, _, r in ready], images)
-    cols = [c for c in output_columns(ds)[:-1]]
+    cols = output_columns(ds)[:-1]  # DATA's columns; the prediction comes last
     records = []
     for (pos, query, _), result in zip(ready, answers):
         if isinstance(result, str):
