@@ -105,7 +105,7 @@ def test_sigkilled_run_resumes_without_answering_twice(tmp_path, tiny_ckpt, cpu_
     answers = out / "toy_en.tsv"
     deadline = time.time() + 240
     try:
-        while not (answers.exists() and answers.read_bytes().count(b'"\n"') >= 4):
+        while not (answers.exists() and answers.read_bytes().count(b'"\n"') >= 5):
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no answers in time"
             time.sleep(0.02)
@@ -115,7 +115,7 @@ def test_sigkilled_run_resumes_without_answering_twice(tmp_path, tiny_ckpt, cpu_
         proc.wait()
     header = answers.read_text().split("\n")[0].replace('"', "").split("\t")
     done = len(AnswerFile(answers, header).read(repair=False))
-    assert 3 <= done < 12
+    assert 2 <= done < 12
     p = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     entry = json.loads((out / "summary.json").read_text())["datasets"]["toy_en"]
