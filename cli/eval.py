@@ -134,6 +134,7 @@ def eval_command(data, model_path, backend, output, batch_size, limit, max_token
         click.echo(results_table({s.name: summary["datasets"][s.name]["overall"] for s in sources}))
         for line in problems_report(summary, [s.name for s in sources]):
             click.echo(line, err=True)
+        click.echo(f"Scores in {output}: summary.json, <dataset>_acc.csv; answers in <dataset>.tsv.", err=True)
     if group is not None:
         group.close()
         # gloo's threads can abort the interpreter's teardown after a good run (as in `parrot train`)
