@@ -57,7 +57,7 @@ def test_vlmevalkit_xlsx_is_scored_as_vlmevalkit_does(tmp_path):
 
 
 def test_collection_file_and_other_formats(tmp_path):
-    en, pt = _data(tmp_path, "MMMB_en"), _data(tmp_path, "MMMB_pt")
+    en, pt = _data(tmp_path, "MMMB_en"), _data(tmp_path, "mmmb_pt")  # as the downloaded file is named
     frames = []
     for name, preds in (("MMMB_en", PREDS), ("MMMB_pt", ["B"] * 5)):
         df = _vlmevalkit_frame(mcq_rows(5), preds)
@@ -70,7 +70,7 @@ def test_collection_file_and_other_formats(tmp_path):
     coll.to_excel(xlsx, index=False)
     summary = evaluate([en, pt], tmp_path / "out", predictions=[xlsx], echo=lambda m: None)
     assert summary["datasets"]["MMMB_en"]["overall"] == 0.4
-    assert summary["datasets"]["MMMB_pt"]["overall"] == 0.2  # only row 1's answer is B
+    assert summary["datasets"]["mmmb_pt"]["overall"] == 0.2  # only row 1's answer is B
 
     jsonl = tmp_path / "answers.jsonl"  # parrot generate's output, an error row included
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in [

@@ -69,16 +69,16 @@ def match_predictions(datasets: Sequence[EvalDataset], files: Sequence[Path]) ->
     if len(names) == 1 and len(explicit) == 1 and len(files) == 1:
         df = read_predictions(explicit[0])
         if "sub_dataset" in df.columns:
-            parts = split_collection(df)
-            if names[0] not in parts:
+            parts = {n.lower(): part for n, part in split_collection(df).items()}
+            if names[0].lower() not in parts:
                 raise ParrotError(f"{explicit[0]}: a collection file without predictions for {names[0]}")
-            df = parts[names[0]]
+            df = parts[names[0].lower()]
         return {names[0]: (explicit[0], df)}
     out: dict[str, list[tuple[int, Path, Any]]] = {n: [] for n in names}
     for f in found:
-        stem = f.stem
-        own = [n for n in names if stem == n or stem.endswith("_" + n)]
-        collection = any(stem == c or stem.endswith("_" + c) for c in COLLECTIONS)
+        stem = f.stem.lower()  # names match in any case: mmmb_en.tsv is MMMB_en
+        own = [n for n in names if stem == n.lower() or stem.endswith("_" + n.lower())]
+        collection = any(stem == c.lower() or stem.endswith("_" + c.lower()) for c in COLLECTIONS)
         if not own and not collection:
             if f in explicit:
                 raise ParrotError(f"{f}: its name matches none of the datasets ({', '.join(names)}); name it "
@@ -86,9 +86,10 @@ def match_predictions(datasets: Sequence[EvalDataset], files: Sequence[Path]) ->
             continue
         df = read_predictions(f)
         if "sub_dataset" in df.columns:
+            by_lower = {n.lower(): n for n in names}
             for n, part in split_collection(df).items():
-                if n in out:
-                    out[n].append((1, f, part))
+                if n.lower() in by_lower:
+                    out[by_lower[n.lower()]].append((1, f, part))
         for n in own:
             out[n].append((0, f, df))
     result = {}
