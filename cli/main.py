@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("parrot.cli.train", "train", "Train stage 1 / stage 2 (torch: cpu/cuda, DeepSpeed, FSDP2; mlx)."),
     "generate": ("parrot.cli.generate", "generate", "Answer a JSONL file of (image, prompt) requests, resumably."),
     "bench": ("parrot.cli.bench", "bench", "Measure prompt/generation tokens per second and peak memory."),
+    "eval": ("parrot.cli.eval", "eval_command", "Evaluate on MMMB / multilingual MMBench, scored as VLMEvalKit does."),
 }
 
 
