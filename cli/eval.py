@@ -8,51 +8,16 @@ from pathlib import Path
 
 import click
 
+from parrot import registry
 from parrot.config import DTYPES
 from parrot.errors import ParrotError
-
-from .chat import default_backend
-
-
-class _Group:
-    """The torchrun process group: gloo on CPU, NCCL on CUDA; only barriers and one broadcast."""
-
-    def __init__(self, backend: str):
-        from datetime import timedelta
-
-        import torch
-        import torch.distributed as dist
-
-        if backend == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if backend == "cuda" else "gloo", timeout=timedelta(hours=12))
-        self.dist = dist
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-    def share(self, obj):
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        self.dist.barrier()
-        self.dist.destroy_process_group()
-
-
-def _world() -> tuple[int, int]:
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ParrotError("RANK / WORLD_SIZE are set but not integers; launch with torchrun") from None
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data", nargs=-1, required=True)
 @click.option("--model", "model_path", default=None,
               help="Model directory (official or MLX layout) or a hub id; or --predictions.")
-@click.option("--backend", type=click.Choice(["mlx", "cpu", "cuda"]), default=None,
+@click.option("--backend", type=click.Choice(registry.NAMES), default=None,
               help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
 @click.option("--output", "--output-dir", "-o", "output", required=True, type=click.Path(path_type=Path),
               help="Output directory: <dataset>.tsv (answers), <dataset>_acc.csv, summary.json, summary.png.")
@@ -96,13 +61,16 @@ def eval_command(data, model_path, backend, output, batch_size, limit, max_token
     except ImportError:
         raise ParrotError("parrot eval needs pandas (and openpyxl for .xlsx): pip install 'parrot-vlm[eval]'") from None
     from parrot.eval import EvalSettings, LLMJudge, evaluate, resolve_sources
+    from parrot.training import launch_world
 
-    rank, world = _world()
-    backend = backend or (default_backend() if model_path else "cpu")
-    if world > 1 and (backend == "mlx" or predictions):
-        raise ParrotError("several processes answer shards of the data with --backend cpu/cuda; "
-                          "--backend mlx and --predictions run in one process")
-    group = _Group(backend) if world > 1 else None
+    rank, world = launch_world()
+    backend = backend or (registry.default_backend() if model_path else "cpu")  # --predictions: no model
+    spec = registry.get(backend)
+    if world > 1 and (spec.process_group is None or predictions):
+        parallel = ", ".join(n for n, s in registry.BACKENDS.items() if s.process_group)
+        raise ParrotError(f"several processes answer shards of the data with --backend {parallel}; "
+                          f"--backend {backend} and --predictions run in one process")
+    group = spec.load("process_group")(spec.device) if world > 1 else None
     echo = (lambda m: click.echo(m, err=True)) if rank == 0 else (lambda m: click.echo(f"[rank {rank}] {m}", err=True))
     sources = resolve_sources(list(data), progress=not quiet) if rank == 0 else None
     if group is not None:

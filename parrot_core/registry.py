@@ -37,6 +37,7 @@ class BackendSpec:
     half_precision_training: bool = False  # fp16 under DeepSpeed
     lora_training: bool = False  # --lora (and QLoRA on a quantized base)
     native_layout: str = "official"  # the layout its trainer can also save ("mlx": --save-layout mlx)
+    process_group: str | None = None  # "module:Class" of a data-parallel group (torchrun); None: one process
 
     def load(self, attribute: str = "model") -> Any:
         """The class or function an entry names, imported now."""
@@ -55,13 +56,13 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             "cpu", "parrot.backends.torch_cuda.api:TorchParrot", "parrot.backends.torch_cuda.train.loop:run_training",
             ("torch", "transformers"), "pip install 'parrot-vlm[torch]'", "torch", "PyTorch", "PyTorch on the CPU",
-            device="cpu", sharding=True,
+            device="cpu", sharding=True, process_group="parrot.backends.torch_cuda.group:ProcessGroup",
         ),
         BackendSpec(
             "cuda", "parrot.backends.torch_cuda.api:TorchParrot", "parrot.backends.torch_cuda.train.loop:run_training",
             ("torch", "transformers"), "pip install 'parrot-vlm[torch]'", "torch", "PyTorch", "PyTorch on a CUDA GPU",
             device="cuda", probe="parrot.backends.torch_cuda.device:cuda_problem", train_dtype="bfloat16",
-            sharding=True, half_precision_training=True,
+            sharding=True, half_precision_training=True, process_group="parrot.backends.torch_cuda.group:ProcessGroup",
         ),
     )
 }
