@@ -8,13 +8,13 @@ preprocessor_config.json, else the model directory's, else CLIP defaults at the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import KNOWN_VISION_TOWERS, ParrotConfig, VisionConfig
 from .errors import ParrotError
 from .image import PREPROCESSOR_NAME, ImageSettings
+from .schema import parse_json, show
 
 
 @dataclass
@@ -26,13 +26,13 @@ class ResolvedTower:
 
 
 def _read_clip_dir(d: Path) -> VisionConfig:
-    try:
-        raw = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ParrotError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    path = d / "config.json"
+    raw = parse_json(path.read_bytes(), str(path))
+    if not isinstance(raw, dict):
+        raise ParrotError(f"{path}: expected a JSON object (a CLIP config), not {show(raw)}")
     if raw.get("model_type") not in (None, "clip", "clip_vision_model"):
-        raise ParrotError(f"{d / 'config.json'}: model_type {raw.get('model_type')!r} is not a CLIP tower")
-    return VisionConfig.from_dict(raw)
+        raise ParrotError(f"{path}: model_type {show(raw.get('model_type'))} is not a CLIP tower")
+    return VisionConfig.from_dict(raw, str(path))
 
 
 def _hub_cache_dir(repo_id: str) -> Path | None:

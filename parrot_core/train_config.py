@@ -15,6 +15,7 @@ from typing import Any
 from .adapter import LORA_FIELDS, resolve_lora
 from .config import DTYPES
 from .errors import ParrotError
+from .schema import TRAIN_CONFIG, check
 
 TRAIN_BACKENDS = ("cuda", "cpu", "mlx")
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
@@ -177,7 +178,9 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "run_config.json") -> TrainConfig:
+        """The settings as run_config.json records them, checked against `schema.TRAIN_CONFIG`."""
+        check(d, TRAIN_CONFIG, source)
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
