@@ -24,6 +24,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own bomb limit; larger images are refused
 PREPROCESSOR_NAME = "preprocessor_config.json"
+# what PIL raises for a damaged file (besides UnidentifiedImageError); some plugins raise
+# NotImplementedError for variants they do not know (found by tests/test_fuzz_images.py)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError)
 
 
 @dataclass
@@ -120,7 +123,7 @@ def open_image(image: str | Path | Image.Image | bytes) -> Image.Image:
             ) from None
         except UnidentifiedImageError:
             raise ParrotError(f"{name}: not an image (PIL cannot identify the file)") from None
-        except (OSError, SyntaxError, ValueError) as e:
+        except DECODE_ERRORS as e:
             raise ParrotError(f"{name}: truncated or corrupt image ({e})") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old

@@ -27,7 +27,7 @@ from .errors import ParrotError
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_SIZE = 2**31 - 1  # sizes beyond int32 are corruption, not models
-MAX_IMAGE_SIDE = 8192  # crop / resize / CLIP image sides (CLIP: 224 or 336)
+MAX_IMAGE_SIDE = 2048  # crop / resize / CLIP image sides (CLIP: 224 or 336; bounds preprocessing memory)
 MAX_PROJECTOR_DEPTH = 32
 MAX_DEPTH = 64  # JSON nesting: deeper is never a config, and would exhaust Python's recursion later
 PROJECTOR = re.compile(r"mlp(\d+)x_gelu")
@@ -385,8 +385,10 @@ TRAIN_CONFIG = obj({  # TrainConfig (a run's settings, as run_config.json record
     "save_layout": one_of("official", "mlx"),
 }, required=("stage", "data", "output"))
 
-RUN_CONFIG = obj({  # run_config.json: {"config": TrainConfig, "derived": {...}}
-    "config": TRAIN_CONFIG,
+RESOLVED = {"lr": number(0), "batch_size": SIZE, "grad_accum": SIZE, "dtype": one_of(*DTYPES), "image_dir": string()}
+RUN_CONFIG = obj({  # run_config.json: {"config": TrainConfig.resolved(), "derived": {...}}
+    "config": replace(TRAIN_CONFIG, fields={**TRAIN_CONFIG.fields, **RESOLVED},
+                      required=(*TRAIN_CONFIG.required, *RESOLVED)),
     "derived": obj({"world_size": SIZE}),
 }, required=("config",))
 
