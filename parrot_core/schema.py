@@ -175,7 +175,7 @@ def one_of(*choices: Any) -> Rule:
 def list_of(items: Rule, length: int | None = None, expected: str | None = None) -> Rule:
     if expected is None:
         expected = f"a list of {length} values" if length else "a list"
-        expected += f" ({items.expected} each)"
+        expected += f" (each {items.expected})"
     return Rule(("list",), expected, items=items, length=length)
 
 
@@ -186,7 +186,7 @@ def obj(fields: Mapping[str, Rule] | None = None, required: tuple[str, ...] = ()
 
 # ---------------------------------------------------------------- checking
 def _fail(source: str, name: str, v: Any, rule: Rule, kind_wrong: bool) -> ParrotError:
-    noun = f" ({_NOUN.get(kind_of(v), kind_of(v))})" if kind_wrong else ""
+    noun = f" ({_NOUN.get(kind_of(v), kind_of(v))})" if kind_wrong and v is not None else ""
     expected = rule.expected
     if not kind_wrong and rule.hi is not None and kind_of(v) in ("int", "number") and v > rule.hi \
             and str(rule.hi) not in expected:
@@ -206,6 +206,8 @@ def check(v: Any, rule: Rule, source: str, name: str = "") -> None:
         raise ParrotError(f"{source}: nested more than {MAX_DEPTH} levels deep; not a file we write or read")
     if not _kind_ok(v, rule):
         raise _fail(source, label, v, rule, kind_wrong=True)
+    if v is None:
+        return  # null, where the rule allows it
     if rule.choices and not any(v == c and kind_of(v) == kind_of(c) for c in rule.choices):
         raise _fail(source, label, v, rule, kind_wrong=False)
     k = kind_of(v)

@@ -50,6 +50,10 @@ def _hub_cache_dir(repo_id: str) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
+def _cut(name: str, limit: int = 200) -> str:
+    return name if len(name) <= limit else name[:limit] + "..."
+
+
 def find_tower_dir(name: str, model_dir: Path | None) -> Path | None:
     candidates = [Path(name)] if Path(name).is_absolute() else []
     if not Path(name).is_absolute():
@@ -57,8 +61,11 @@ def find_tower_dir(name: str, model_dir: Path | None) -> Path | None:
             candidates.append(model_dir / name)
         candidates.append(Path.cwd() / name)
     for c in candidates:
-        if (c / "config.json").is_file():
-            return c
+        try:
+            if (c / "config.json").is_file():
+                return c
+        except OSError:  # a name the file system cannot hold (too long)
+            continue
     return _hub_cache_dir(name)
 
 
@@ -92,7 +99,7 @@ def resolve_vision_tower(
             vc = KNOWN_VISION_TOWERS[name]
             return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
         raise ParrotError(
-            f"vision tower {name!r}: not a directory with a CLIP config.json and not a known tower "
+            f"vision tower {_cut(name)!r}: not a directory with a CLIP config.json and not a known tower "
             f"({', '.join(KNOWN_VISION_TOWERS)})"
         )
     name = cfg.mm_vision_tower
@@ -108,7 +115,7 @@ def resolve_vision_tower(
         return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
     where = f" (looked in {model_dir} and {Path.cwd()})" if model_dir else ""
     raise ParrotError(
-        f"config.json: mm_vision_tower {name!r} does not resolve: it is not a directory with a CLIP "
+        f"config.json: mm_vision_tower {_cut(name)!r} does not resolve: it is not a directory with a CLIP "
         f"config.json{where} nor a known tower ({', '.join(KNOWN_VISION_TOWERS)}). Pass the tower "
         "directory with --vision-tower DIR (Python: vision_tower=DIR)."
     )

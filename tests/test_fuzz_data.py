@@ -1,6 +1,6 @@
 """Fuzzing the data files: LLaVA JSON training data (read and checked up front, then a kept sample
-formatted with its image; one of the images is itself a damaged PNG) and `parrot generate`'s JSONL requests and answers. Whatever the bytes, the
-loader returns or raises ParrotError (see tests/fuzz.py)."""
+formatted with its image; one of the images is itself a damaged PNG) and `parrot generate`'s JSONL
+requests and answers. Whatever the bytes, the loader returns or raises ParrotError (see tests/fuzz.py)."""
 
 from __future__ import annotations
 
