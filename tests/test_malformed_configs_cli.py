@@ -13,6 +13,7 @@ import pytest
 
 from conftest import requires_torch
 from parrot.cli.main import main
+from parrot.train_config import TrainConfig
 
 TOWER = "clip-vit-tiny"  # the tiny checkpoint's CLIP tower directory
 
@@ -110,15 +111,14 @@ def test_train_refuses_malformed_config_and_writes_nothing(capsys, broken, tmp_p
 @requires_torch
 def test_run_config_on_resume_is_checked(capsys, tmp_path, tiny_ckpt):
     """A checkpoint whose run_config.json has a wrong field: `--resume` names it instead of crashing."""
-    out = tmp_path / "run"
+    out, data = tmp_path / "run", tmp_path / "data.json"
+    data.write_text("[]")
     ckpt = out / "checkpoints" / "step-00000001"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    (ckpt / "run_config.json").write_text(json.dumps({"config": {"stage": 2, "data": "d", "output": str(out),
-                                                                 "lr": "fast"}}))
-    data = tmp_path / "data.json"
-    data.write_text("[]")
+    saved = TrainConfig(stage=2, data=str(data), output=str(out), model=str(tiny_ckpt), backend="cpu").resolved()
+    (ckpt / "run_config.json").write_text(json.dumps({"config": {**saved.to_dict(), "lr": "fast"}}))
     line = run_cli(capsys, "train", "--backend", "cpu", "--stage", "2", "--model", tiny_ckpt, "--data", data,
                    "--output", out, "--resume")
-    assert 'config.lr is "fast" (a string); expected a number >= 0 or null' in line
+    assert 'run_config.json: config.lr is "fast" (a string); expected a number >= 0' in line
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
