@@ -88,6 +88,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     """How many cases each fuzzed loader was fed (tests/fuzz.py), for docs/benchmarks.md's Reliability section."""
     fuzz = sys.modules.get("fuzz")
     if fuzz is not None and fuzz.COUNTS:
-        terminalreporter.write_sep("-", "fuzz cases per loader (refused with ParrotError / tried)")
+        terminalreporter.write_sep("-", "fuzz cases per loader")
         for name, n in sorted(fuzz.COUNTS.items()):
-            terminalreporter.write_line(f"{name}: {fuzz.REFUSED[name]} / {n}")
+            terminalreporter.write_line(f"{name}: {n} cases, {fuzz.REFUSED[name]} refused with a clear error")
+        for name, n in sorted(fuzz.NOTES.items()):
+            terminalreporter.write_line(f"{name}: {n}")

@@ -34,6 +34,7 @@ from parrot.errors import ParrotError
 
 COUNTS: Counter[str] = Counter()  # loader -> cases tried in this session
 REFUSED: Counter[str] = Counter()  # loader -> cases that ended in ParrotError (the rest loaded)
+NOTES: Counter[str] = Counter()  # other figures a fuzz test reports (printed as they are)
 
 
 def FUZZ(max_examples: int):  # noqa: N802  (a decorator, named like hypothesis' own)

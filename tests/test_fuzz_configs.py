@@ -37,7 +37,7 @@ def originals(tiny_ckpt) -> dict[str, dict]:
             for name in ("config.json", f"{TOWER}/config.json", f"{TOWER}/preprocessor_config.json")}
 
 
-@FUZZ(2500)
+@FUZZ(2000)
 @given(r=cases())
 def test_config_json_raises_only_parrot_errors(model, originals, r):
     write(model / "config.json", json_input(r, originals["config.json"], sorted(PARROT_CONFIG.fields)))

@@ -63,7 +63,7 @@ ANSWERS = [
 ]
 
 
-@FUZZ(2500)
+@FUZZ(2000)
 @given(r=cases())
 def test_jsonl_requests_raise_only_parrot_errors(tmp_path_factory, r):
     path = write(tmp_path_factory.getbasetemp() / "fuzz_requests.jsonl", jsonl_lines(r, REQUESTS))
@@ -73,7 +73,7 @@ def test_jsonl_requests_raise_only_parrot_errors(tmp_path_factory, r):
             assert row.error is not None or (row.key is not None and isinstance(row.fields["prompt"], str))
 
 
-@FUZZ(2500)
+@FUZZ(2000)
 @given(r=cases())
 def test_jsonl_answers_raise_only_parrot_errors(tmp_path_factory, r):
     path = write(tmp_path_factory.getbasetemp() / "fuzz_answers.jsonl", jsonl_lines(r, ANSWERS))

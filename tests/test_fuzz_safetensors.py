@@ -59,7 +59,7 @@ def read_everything(path: Path) -> int:
     return total
 
 
-@FUZZ(3000)
+@FUZZ(2500)
 @given(r=cases())
 def test_safetensors_reader_raises_only_parrot_errors(seed_file, r):
     path, raw, header, data = seed_file
