@@ -1,17 +1,15 @@
 """What every field of the files we read must be: one table per file kind, checked when loading.
 
-A table maps a field to a `Rule` (its JSON kinds, range, choices); the defaults live in the dataclass
-that holds the values (`ParrotConfig`, `VisionConfig`, `ImageSettings`, `TrainConfig`, `Adapter`).
-`check(value, rule, source)` raises one ParrotError naming the file, the field, the value and what is
-expected, e.g. `config.json: hidden_size is "sixty-four" (a string); expected a positive integer`.
-Unknown keys are not checked (the readers keep them in `extra`). Relations between fields (heads
-dividing the hidden size) are declared beside the tables and checked on the resolved values.
+A table maps a field to a `Rule` (JSON kinds, range, choices); defaults live in the dataclasses that
+hold the values. `check(value, rule, source)` raises one ParrotError naming the file, the field, the
+value and what is expected (`config.json: hidden_size is "sixty-four" (a string); expected a positive
+integer`). Unknown keys are not checked (readers keep them in `extra`). Relations between fields
+(heads dividing the hidden size) are declared beside the tables. The JSON-schema idea without its
+dependency: our rules are few, and the messages must speak the user's words.
 
-Tables: PARROT_CONFIG (a model's config.json, with VISION_CONFIG nested as `vision_config` and
-QUANTIZATION as `quantization`), VISION_CONFIG (also a CLIP tower's config.json), PREPROCESSOR
-(preprocessor_config.json), TRAIN_CONFIG / RUN_CONFIG (a training run's run_config.json) and
-ADAPTER_CONFIG (adapter_config.json). The JSON-schema idea without its dependency: our rules are few,
-and the messages must speak the user's words.
+Tables: PARROT_CONFIG (config.json; VISION_CONFIG nested as `vision_config`, QUANTIZATION as
+`quantization`), VISION_CONFIG (also a CLIP tower's config.json), PREPROCESSOR, TRAIN_CONFIG /
+RUN_CONFIG (run_config.json) and ADAPTER_CONFIG.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ MAX_DEPTH = 64  # JSON nesting: deeper is never a config, and would exhaust Pyth
 PROJECTOR = re.compile(r"mlp(\d+)x_gelu")
 VISION_ACTS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
-_NOUN = {"null": "null", "bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
+_NOUN = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
          "list": "a list", "object": "an object"}
 
 
@@ -108,10 +106,9 @@ class Relation:
 
 @dataclass(frozen=True)
 class Rule:
-    """What one JSON value must be. `kinds`: the JSON kinds accepted ("int" also accepts nothing else;
-    "number" accepts ints too). Numbers: within [lo, hi] (`lo_open` excludes lo), finite. Strings:
-    `pattern`. `choices`: the only values. Lists: `items`, `length`. Objects: `fields` (nested rules),
-    `required`, `rest` (rule for keys not in `fields`). `expected`: the words of the message."""
+    """What one JSON value must be: `kinds` accepted ("number" accepts ints too); numbers finite, in
+    [lo, hi] (`lo_open`/`hi_open` exclude a bound); strings matching `pattern`; lists of `items`; objects
+    with `fields` (and `rest` for other keys). `expected`: the words of the message."""
 
     kinds: tuple[str, ...]
     expected: str
