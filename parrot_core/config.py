@@ -176,6 +176,11 @@ class ParrotConfig:
         values = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
         check_relations(values, PARROT_RELATIONS, source)
         projector_depth(self.mm_projector_type, source)
+        rs = self.rope_scaling or {}
+        kind = rs.get("type") or rs.get("rope_type") or "default"
+        if kind != "default" and "factor" not in rs:
+            raise ParrotError(f"{source}: rope_scaling.factor is missing; expected a positive number (rope_scaling "
+                              f"type {kind!r} needs it)")
         if self.moe_active and self.mm_vision_select_feature != "cls_patch":
             raise ParrotError(f"{source}: the MoE needs mm_vision_select_feature 'cls_patch'")
 

@@ -25,6 +25,7 @@ from .errors import ParrotError
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_SIZE = 2**31 - 1  # sizes beyond int32 are corruption, not models
+MAX_COUNT = 4096  # layers, experts: the parameter list is built per item before any weight is read
 MAX_IMAGE_SIDE = 2048  # crop / resize / CLIP image sides (CLIP: 224 or 336; bounds preprocessing memory)
 MAX_PROJECTOR_DEPTH = 32
 MAX_DEPTH = 64  # JSON nesting: deeper is never a config, and would exhaust Python's recursion later
@@ -256,6 +257,7 @@ def projector_depth(projector_type: str, source: str = "config.json") -> int:
 
 # ---------------------------------------------------------------- the tables
 SIZE = size()
+COUNT = size(MAX_COUNT)
 IMAGE_SIDE = size(MAX_IMAGE_SIDE)
 PROJECTOR_TYPE = string(
     r"mlp([1-9]|[12][0-9]|3[0-2])x_gelu",
@@ -271,7 +273,7 @@ def _divides(divisor: str, dividend: str) -> Relation:
 VISION_CONFIG = obj({  # transformers' CLIPVisionConfig (a CLIP tower's config.json, or our `vision_config`)
     "hidden_size": SIZE,
     "intermediate_size": SIZE,
-    "num_hidden_layers": SIZE,
+    "num_hidden_layers": COUNT,
     "num_attention_heads": SIZE,
     "image_size": IMAGE_SIDE,
     "patch_size": IMAGE_SIDE,
@@ -284,6 +286,16 @@ VISION_CONFIG = obj({  # transformers' CLIPVisionConfig (a CLIP tower's config.j
     _divides("num_attention_heads", "hidden_size"),
     Relation(("patch_size", "image_size"), lambda p, i: p <= i, "{patch_size} is larger than {image_size}"),
 ))
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")  # what both backends (transformers, mlx-lm) implement
+ROPE_SCALING = obj({  # transformers' rope_scaling (mlx-lm reads "type" first, transformers "rope_type")
+    "rope_type": one_of(*ROPE_TYPES),
+    "type": one_of(*ROPE_TYPES),
+    "factor": number(0, lo_open=True),
+    "rope_theta": number(0, lo_open=True),
+    "original_max_position_embeddings": SIZE,
+    **{k: number() for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")},
+})
 
 QUANTIZATION = obj({  # mlx-lm's config.json entry; other keys are per-module overrides (an object, or false)
     "group_size": SIZE,
@@ -299,13 +311,13 @@ PARROT_CONFIG = obj({  # a Parrot model's config.json (model_type parrot_qwen2)
     "vocab_size": SIZE,
     "hidden_size": SIZE,
     "intermediate_size": SIZE,
-    "num_hidden_layers": SIZE,
+    "num_hidden_layers": COUNT,
     "num_attention_heads": SIZE,
     "num_key_value_heads": SIZE,
     "max_position_embeddings": SIZE,
     "rms_norm_eps": number(0, lo_open=True),
     "rope_theta": number(0, lo_open=True).or_null(),
-    "rope_scaling": obj({"rope_theta": number(0, lo_open=True)}).or_null(),
+    "rope_scaling": ROPE_SCALING.or_null(),
     "rope_parameters": obj({"rope_theta": number(0, lo_open=True)}).or_null(),
     "tie_word_embeddings": boolean(),
     "torch_dtype": one_of(*DTYPES).or_null(),
@@ -318,7 +330,7 @@ PARROT_CONFIG = obj({  # a Parrot model's config.json (model_type parrot_qwen2)
     "mm_vision_select_feature": one_of("cls_patch", "patch"),
     "image_aspect_ratio": string().or_null(),
     "mm_patch_merge_type": one_of("flat"),
-    "num_experts": SIZE,
+    "num_experts": COUNT,
     "moe_hidden_size": SIZE.or_null(),
     "moe_intermediate_size": SIZE,
     "moe_top_k": SIZE,
@@ -348,7 +360,7 @@ PREPROCESSOR = obj({  # transformers' CLIPImageProcessor preprocessor_config.jso
     "size": Rule(("int", "object"), f"a positive integer up to {MAX_IMAGE_SIDE} or an object "
                  "{\"shortest_edge\"}", lo=1, hi=MAX_IMAGE_SIDE,
                  fields={"shortest_edge": IMAGE_SIDE, "height": IMAGE_SIDE, "width": IMAGE_SIDE}),
-    "image_mean": list_of(number(), 3, "a list of 3 finite numbers"),
+    "image_mean": list_of(number(0, 1), 3, "a list of 3 numbers in [0, 1]"),  # also the padding colour
     "image_std": list_of(number(0, lo_open=True), 3, "a list of 3 positive numbers"),
     "rescale_factor": number(0, lo_open=True),
     "resample": integer(0, 5, "a PIL resampling filter (an integer from 0 to 5)"),
@@ -376,7 +388,7 @@ TRAIN_CONFIG = obj({  # TrainConfig (a run's settings, as run_config.json record
     "warmup_ratio": number(0, 1, hi_open=True),
     "weight_decay": number(0),
     "max_grad_norm": number(0, lo_open=True).or_null(),
-    "num_experts": SIZE, "moe_intermediate_size": SIZE, "moe_weight": number(),
+    "num_experts": COUNT, "moe_intermediate_size": SIZE, "moe_weight": number(),
     "lora_rank": SIZE.or_null(), "lora_scale": number().or_null(), "lora_alpha": number().or_null(),
     "lora_dropout": number(0, 1, hi_open=True).or_null(),
     "lora_targets": list_of(string()).or_null(),

@@ -60,8 +60,10 @@ def test_every_field_read_has_a_rule():
     ("hidden_size", "sixty-four", 'hidden_size is "sixty-four" (a string); expected a positive integer'),
     ("hidden_size", True, "hidden_size is true (a boolean); expected a positive integer"),
     ("hidden_size", 64.0, "hidden_size is 64.0 (a number); expected a positive integer"),
-    ("num_hidden_layers", 2**40, "num_hidden_layers is 1099511627776; expected a positive integer of at most "
-                                 "2147483647"),
+    ("vocab_size", 2**40, "vocab_size is 1099511627776; expected a positive integer of at most 2147483647"),
+    ("num_hidden_layers", 10**6, "num_hidden_layers is 1000000; expected a positive integer of at most 4096"),
+    ("rope_scaling", {"rope_type": "nope", "factor": 2}, 'rope_scaling.rope_type is "nope"; expected one of'),
+    ("rope_scaling", {"type": "yarn"}, "rope_scaling.factor is missing; expected a positive number"),
     ("rms_norm_eps", 0, "rms_norm_eps is 0; expected a positive number"),
     ("rope_theta", float("inf"), "rope_theta is Infinity; expected a positive number or null"),
     ("moe_weight", True, "moe_weight is true (a boolean); expected a finite number"),
@@ -115,7 +117,8 @@ def test_an_unresolvable_tower_name_is_a_clear_error(tmp_path, tiny_ckpt, name):
 
 @pytest.mark.parametrize("change, message", [
     ({"do_resize": "yes"}, 'do_resize is "yes" (a string); expected true or false'),
-    ({"image_mean": [0.5, 0.5]}, "image_mean is [0.5, 0.5]; expected a list of 3 finite numbers"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean is [0.5, 0.5]; expected a list of 3 numbers in [0, 1]"),
+    ({"image_mean": [0.5, 0.5, 1e300]}, "image_mean[2] is 1e+300; expected a number in [0, 1]"),
     ({"image_std": [0.2, 0, 0.2]}, "image_std[1] is 0; expected a positive number"),
     ({"resample": 9}, "resample is 9; expected a PIL resampling filter"),
     ({"crop_size": {"height": 336}}, "crop_size.width is missing"),
