@@ -38,6 +38,7 @@ from .errors import ParrotError
 from .fsutil import atomic_output_file
 from .generation import GenerationResult, ImageCache, SamplingParams
 from .schema import MAX_DEPTH, too_deep
+from .tokenizer import is_text
 
 SETTINGS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
             "seed": "seed"}
@@ -122,6 +123,8 @@ def read_requests(path: str | Path) -> tuple[list[InputRow], list[str]]:
 def _check_fields(obj: dict) -> str | None:
     if not isinstance(obj.get("prompt"), str):
         return "missing prompt (a string)" if "prompt" not in obj else "prompt must be a string"
+    if not is_text(obj["prompt"]) or (isinstance(obj.get("system"), str) and not is_text(obj["system"])):
+        return "prompt and system must be valid Unicode text (no lone surrogates)"
     if obj.get("image") is not None and (not isinstance(obj["image"], str) or not obj["image"]):
         return "image must be a path (a non-empty string) or null"
     if obj.get("system") is not None and not isinstance(obj["system"], str):

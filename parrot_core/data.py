@@ -29,7 +29,7 @@ from .errors import ParrotError
 from .image import DECODE_ERRORS, ImageSettings, preprocess
 from .prompt import format_conversation, move_image_to_front
 from .schema import parse_json
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, is_text
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,11 @@ def check_conversations(sample: Any) -> list[dict]:
     if not isinstance(convs, list) or not convs:
         raise _Drop(MALFORMED, "'conversations' is missing, empty or not a list")
     for i, turn in enumerate(convs):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLE_HEADERS or not isinstance(turn.get("value"), str):
+        if (not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in ROLE_HEADERS
+                or not isinstance(turn.get("value"), str)):
             raise _Drop(MALFORMED, f"turn {i} needs 'from' (human, gpt or system) and a string 'value'")
+        if not is_text(turn["value"]):
+            raise _Drop(MALFORMED, f"turn {i}'s value is not valid Unicode text (a lone surrogate)")
     if not any(t["from"] == "gpt" for t in convs):
         raise _Drop(NO_ANSWER)
     return convs

@@ -50,8 +50,8 @@ def _hub_cache_dir(repo_id: str) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
-def _cut(name: str, limit: int = 200) -> str:
-    return name if len(name) <= limit else name[:limit] + "..."
+def _cut(name: str | None, limit: int = 200) -> str | None:
+    return name if name is None or len(name) <= limit else name[:limit] + "..."
 
 
 def find_tower_dir(name: str, model_dir: Path | None) -> Path | None:

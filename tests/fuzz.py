@@ -106,32 +106,36 @@ class Deep:
 
 
 def mutate_json(r: random.Random, valid: Any, keys: list[str] | tuple = ()) -> Any:
-    """`valid` with 1-3 fields (at the top or one level down; `keys` may add names it lacks) set to odd
-    values, deleted or renamed; one case in 20 is replaced whole (another value, or deep nesting)."""
+    """`valid` with 1-3 edits, each at a random depth: a value set to an odd one, a key deleted or renamed,
+    a list item dropped or added (`keys` may add top-level names it lacks); one case in 20 is replaced
+    whole (another value, or deep nesting)."""
     if r.randrange(20) == 0:
         return Deep(r.choice([65, 500, 5000])) if r.random() < 0.3 else random_json(r)
     v = json.loads(json.dumps(valid))
+    if not isinstance(v, dict | list):
+        return random_json(r)
     for _ in range(r.randint(1, 3)):
-        target = v
-        if isinstance(v, list) and v:
-            target = r.choice(v)
-        elif isinstance(v, dict) and r.random() < 0.4:
-            nested = [x for x in v.values() if isinstance(x, dict | list) and x]
-            if nested:
-                target = r.choice(nested)
-                if isinstance(target, list):
-                    i = r.randrange(len(target))
-                    if not isinstance(target[i], dict) or r.random() < 0.3:
-                        target[i] = random_json(r)
-                        continue
-                    target = target[i]
-        if not isinstance(target, dict):
+        target = v  # walk down: at each container, stop or go into one of its containers
+        while True:
+            inner = [x for x in (target.values() if isinstance(target, dict) else target) if isinstance(x, dict | list)]
+            if not inner or r.random() < 0.3:
+                break
+            target = r.choice(inner)
+        action = r.randrange(10)
+        if isinstance(target, list):
+            i = r.randrange(len(target) + 1)
+            if action == 0 and i < len(target):
+                del target[i]
+            elif action == 1 or i == len(target):
+                target.insert(i, random_json(r))
+            else:
+                target[i] = random_json(r)
             continue
         names = sorted(set(target) | set(keys if target is v else ()))
         if not names:
+            target[r.choice(STRINGS[:8])] = random_json(r)
             continue
         k = r.choice(names)
-        action = r.randrange(10)
         if action == 0:
             target.pop(k, None)
         elif action == 1:

@@ -104,9 +104,10 @@ def test_a_clip_tower_config_is_checked_by_name(tmp_path, tiny_ckpt):
         Checkpoint.open(model)
 
 
-@pytest.mark.parametrize("name", ["a" * 5000, "x/" * 3000, "a\x00b"])
+@pytest.mark.parametrize("name", ["a" * 5000, "x/" * 3000, "a\x00b", None])
 def test_an_unresolvable_tower_name_is_a_clear_error(tmp_path, tiny_ckpt, name):
-    """Names the file system cannot hold (too long, NUL) used to end in OSError."""
+    """Names the file system cannot hold (too long, NUL) used to end in OSError; no name at all is the
+    same clear error."""
     model = Path(shutil.copytree(tiny_ckpt, tmp_path / "m"))
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "mm_vision_tower": name}))

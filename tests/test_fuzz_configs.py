@@ -135,3 +135,34 @@ def test_any_json_value_in_a_field_is_accepted_or_named(model, originals, r):
             ParrotConfig.from_file(model)
         except Exception as e:  # noqa: BLE001  (the assertion below says which)
             assert type(e).__name__ == "ParrotError" and key in str(e), f"{key}={value!r}: {e!r}"
+
+
+ODD_VALUES = [None, True, 0, -1, 3, 2**31, 1e300, float("nan"), "", "x", [], {}, [1], {"x": 1}]
+
+
+def test_every_field_with_every_odd_value_opens_or_fails_cleanly(model, originals):
+    """Not random: each field of config.json, the tower's config.json and preprocessor_config.json in
+    turn gets each odd value, then the whole model directory is opened."""
+    tables = {"config.json": PARROT_CONFIG, f"{TOWER}/config.json": VISION_CONFIG,
+              f"{TOWER}/preprocessor_config.json": PREPROCESSOR}
+    for name, table in tables.items():
+        for key in sorted(table.fields):
+            for value in ODD_VALUES:
+                for other, valid in originals.items():
+                    write(model / other, dumps({**valid, key: value} if other == name else valid))
+                only_parrot_errors("model directory: every field x odd values", Checkpoint.open, model)
+
+
+def test_every_adapter_and_run_config_field_with_every_odd_value_fails_cleanly(adapter_dir, run_dir):
+    latest, tc, valid_run = run_dir
+    for key in sorted(TRAIN_CONFIG.fields):
+        for value in ODD_VALUES:
+            write(latest / "run_config.json", dumps({**valid_run, "config": {**valid_run["config"], key: value}}))
+            only_parrot_errors("run_config.json: every field x odd values", _check_resume, tc, latest, 1)
+    for part in ("top", "lora_parameters", "parrot"):
+        for key in sorted({**ADAPTER, **ADAPTER["lora_parameters"], **ADAPTER["parrot"]}):
+            for value in ODD_VALUES:
+                cfg = json.loads(json.dumps(ADAPTER))
+                (cfg if part == "top" else cfg[part])[key] = value
+                write(adapter_dir / "adapter_config.json", dumps(cfg))
+                only_parrot_errors("adapter_config.json: every field x odd values", read_adapter, adapter_dir)
