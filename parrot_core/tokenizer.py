@@ -110,8 +110,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if not is_text(text):
-            raise ParrotError(f"{text[:40]!r}...: not valid Unicode text (a lone surrogate, e.g. a JSON \\ud800 "
-                              "escape); the tokenizer cannot encode it")
+            raise ParrotError(f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is not valid Unicode (it holds a "
+                              "lone surrogate, e.g. from a JSON \\ud800 escape); the tokenizer cannot encode it")
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
