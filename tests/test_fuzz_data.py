@@ -82,3 +82,27 @@ def test_jsonl_answers_raise_only_parrot_errors(tmp_path_factory, r):
         rows = [json.loads(line) for line in path.read_bytes().split(b"\n") if line.strip()]
         assert all("error" not in row for row in rows)
         assert {json.dumps(row["id"], ensure_ascii=False) for row in rows} == answered
+
+
+def test_found_crashes_are_dropped_with_a_reason(llava, tmp_path):
+    """What the fuzzer found: a turn whose `from` is a list (unhashable), text with a lone surrogate
+    (the tokenizer's TypeError), an image name longer than the file system allows (OSError)."""
+    root, samples, tok = llava
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    bad = [
+        {"id": "role", "conversations": [{"from": ["gpt"], "value": "Hi"}, {"from": "gpt", "value": "x"}]},
+        {"id": "surrogate", "conversations": [{"from": "human", "value": "Hi \ud800"}, {"from": "gpt", "value": "x"}]},
+        {"id": "long", "image": "a" * 5000, "conversations": [{"from": "human", "value": "<image>"},
+                                                              {"from": "gpt", "value": "x"}]},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([good, *bad]))
+    data = LlavaData(path, root, tok, ImageSettings.clip_defaults(SIZE), SIZE + 1, max_length=160)
+    assert [s.id for s in data.samples] == ["ok"]
+    dropped = {it["id"]: reason for reason, items in data.report.dropped.items() for it in items}
+    assert dropped == {"role": "empty or malformed conversations", "surrogate": "empty or malformed conversations",
+                       "long": "image not found"}
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": 1, "prompt": "Hi \ud800"}) + "\n")
+    (row,), _ = read_requests(requests)
+    assert row.error == "prompt and system must be valid Unicode text (no lone surrogates)"
