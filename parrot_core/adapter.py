@@ -21,6 +21,8 @@ import numpy as np
 
 from .errors import ParrotError
 from .layout import mlx_to_official_key
+from .schema import ADAPTER_CONFIG as ADAPTER_CONFIG_SCHEMA
+from .schema import check, parse_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -176,15 +178,10 @@ def read_adapter(path: str | Path) -> Adapter:
     cfg_path = d / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise ParrotError(f"--adapter {d}: no {ADAPTER_CONFIG} (is it a LoRA adapter directory?)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        lp = cfg["lora_parameters"]
-        rank, scale, dropout = int(lp["rank"]), float(lp["scale"]), float(lp.get("dropout", 0.0))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ParrotError(f"{cfg_path}: not valid JSON ({e})") from None
-    except (KeyError, TypeError) as e:
-        raise ParrotError(f"{cfg_path}: missing or malformed field {e} (lora_parameters needs rank and "
-                          "scale)") from None
+    cfg = parse_json(cfg_path.read_bytes(), str(cfg_path))
+    check(cfg, ADAPTER_CONFIG_SCHEMA, str(cfg_path))
+    lp = cfg["lora_parameters"]
+    rank, scale, dropout = lp["rank"], float(lp["scale"]), float(lp.get("dropout", 0.0))
     if cfg.get("fine_tune_type", "lora") != "lora":
         raise ParrotError(f"{cfg_path}: fine_tune_type {cfg.get('fine_tune_type')!r}; only LoRA adapters apply")
     wpath = d / ADAPTER_WEIGHTS

@@ -37,6 +37,8 @@ from .batch import Request, generate_batch
 from .errors import ParrotError
 from .fsutil import atomic_output_file
 from .generation import GenerationResult, ImageCache, SamplingParams
+from .schema import MAX_DEPTH, too_deep
+from .tokenizer import is_text
 
 SETTINGS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
             "seed": "seed"}
@@ -89,11 +91,16 @@ def read_requests(path: str | Path) -> tuple[list[InputRow], list[str]]:
             continue
         try:
             obj = json.loads(raw.decode("utf-8"))
+            if too_deep(obj):
+                raise RecursionError
         except UnicodeDecodeError:
             rows.append(InputRow(n, error=f"line {n}: not UTF-8 text"))
             continue
         except ValueError as e:
             rows.append(InputRow(n, error=f"line {n}: not valid JSON ({getattr(e, 'msg', e)})"))
+            continue
+        except RecursionError:
+            rows.append(InputRow(n, error=f"line {n}: not valid JSON (nested more than {MAX_DEPTH} levels deep)"))
             continue
         if not isinstance(obj, dict):
             rows.append(InputRow(n, error=f"line {n}: expected a JSON object with id and prompt"))
@@ -116,6 +123,8 @@ def read_requests(path: str | Path) -> tuple[list[InputRow], list[str]]:
 def _check_fields(obj: dict) -> str | None:
     if not isinstance(obj.get("prompt"), str):
         return "missing prompt (a string)" if "prompt" not in obj else "prompt must be a string"
+    if not is_text(obj["prompt"]) or (isinstance(obj.get("system"), str) and not is_text(obj["system"])):
+        return "prompt and system must be valid Unicode text (no lone surrogates)"
     if obj.get("image") is not None and (not isinstance(obj["image"], str) or not obj["image"]):
         return "image must be a path (a non-empty string) or null"
     if obj.get("system") is not None and not isinstance(obj["system"], str):
@@ -145,7 +154,7 @@ def load_answers(path: str | Path) -> set[str]:
     for n, raw in enumerate(lines, start=1):
         try:
             obj = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = {}
         if obj is None:
             changed = True

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ParrotError
+from .schema import (
+    DTYPES,  # noqa: F401  (re-exported: the CLI's --dtype choices)
+    PARROT_CONFIG,
+    PARROT_RELATIONS,
+    VISION_CONFIG,
+    check,
+    check_relations,
+    parse_json,
+    projector_depth,
+)
 
 MODEL_TYPE = "parrot_qwen2"
 ARCHITECTURE = "ParrotQwen2ForCausalLM"
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -36,19 +44,15 @@ class VisionConfig:
     projection_dim: int = 768
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        """Accepts a CLIPVisionConfig dict or a full CLIPConfig (uses its `vision_config`)."""
-        if "vision_config" in d and isinstance(d["vision_config"], dict):
-            d = d["vision_config"]
+    def from_dict(cls, d: dict[str, Any], source: str = "vision config", name: str = "") -> VisionConfig:
+        """Accepts a CLIPVisionConfig dict or a full CLIPConfig (uses its `vision_config`), checked
+        against `schema.VISION_CONFIG`. `source` names the file, `name` the field holding `d` in it."""
+        if isinstance(d, dict) and "vision_config" in d:
+            d, name = d["vision_config"], f"{name}.vision_config" if name else "vision_config"
+        check(d, VISION_CONFIG, source, name)
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ParrotError(
-                f"vision config: hidden_size {cfg.hidden_size} is not divisible by "
-                f"num_attention_heads {cfg.num_attention_heads}"
-            )
-        if cfg.hidden_act not in ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"):
-            raise ParrotError(f"vision config: unsupported hidden_act {cfg.hidden_act!r}")
+        check_relations(asdict(cfg), VISION_CONFIG.relations, source, f"{name}." if name else "")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,16 +79,6 @@ KNOWN_VISION_TOWERS: dict[str, VisionConfig] = {
         image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768,
     ),
 }
-
-
-def _projector_depth(projector_type: str) -> int:
-    m = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
-    if not m or int(m.group(1)) < 1:
-        raise ParrotError(
-            f"config: mm_projector_type {projector_type!r} is not supported (expected 'mlp2x_gelu' or "
-            "another 'mlpNx_gelu')"
-        )
-    return int(m.group(1))
 
 
 @dataclass
@@ -128,19 +122,18 @@ class ParrotConfig:
     # ---------------------------------------------------------------- reading
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ParrotConfig:
-        d = copy.deepcopy(d)
+        """A config.json dict, every field checked against `schema.PARROT_CONFIG` (type and range),
+        then the relations between fields (`schema.PARROT_RELATIONS`)."""
+        if not isinstance(d, dict):
+            check(d, PARROT_CONFIG, source)  # the message says what the file holds instead
         model_type = d.get("model_type")
         if model_type != MODEL_TYPE:
             raise ParrotError(
                 f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}. This is not a Parrot "
                 "checkpoint (for a plain Qwen2 LLM use `parrot train --llm DIR`)."
             )
-        required = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        ]
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ParrotError(f"{source}: missing field(s) {', '.join(missing)}")
+        check(d, PARROT_CONFIG, source)
+        d = copy.deepcopy(d)
         d.setdefault("num_key_value_heads", d["num_attention_heads"])
 
         # rope_theta wherever transformers put it (4.x: top level; 5.x: rope_parameters)
@@ -152,10 +145,6 @@ class ParrotConfig:
             rope_theta = d["rope_scaling"].get("rope_theta")
         dtype = d.pop("torch_dtype", None) or d.pop("dtype", None) or "float32"
         d.pop("dtype", None)
-        if dtype not in DTYPES:
-            raise ParrotError(f"{source}: torch_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        if d.get("use_sliding_window"):
-            raise ParrotError(f"{source}: use_sliding_window=true is not supported")
 
         names = {f.name for f in fields(cls)} - {"extra", "vision_config", "rope_theta", "torch_dtype"}
         kwargs = {k: d.pop(k) for k in list(d) if k in names}
@@ -164,7 +153,7 @@ class ParrotConfig:
             **kwargs,
             rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
             torch_dtype=dtype,
-            vision_config=VisionConfig.from_dict(vc) if isinstance(vc, dict) else None,
+            vision_config=VisionConfig.from_dict(vc, source, "vision_config") if vc is not None else None,
             extra=d,
         )
         cfg.validate(source)
@@ -177,33 +166,23 @@ class ParrotConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ParrotError(f"{path}: not found. A Parrot model directory needs a config.json.")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ParrotError(f"{path}: not valid JSON ({e})") from None
+        d = parse_json(path.read_bytes(), str(path))
         if not isinstance(d, dict):
             raise ParrotError(f"{path}: expected a JSON object")
         return cls.from_dict(d, source=str(path))
 
     def validate(self, source: str = "config.json") -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ParrotError(f"{source}: hidden_size is not divisible by num_attention_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ParrotError(f"{source}: num_attention_heads is not divisible by num_key_value_heads")
-        _projector_depth(self.mm_projector_type)
-        if self.mm_vision_select_feature not in ("cls_patch", "patch"):
-            raise ParrotError(
-                f"{source}: mm_vision_select_feature {self.mm_vision_select_feature!r} is not supported"
-            )
-        if self.mm_patch_merge_type != "flat" or self.image_aspect_ratio == "anyres":
-            raise ParrotError(f"{source}: only flat patch merging without anyres is supported")
-        if self.has_moe:
-            if self.moe_hidden_size != self.hidden_size:
-                raise ParrotError(
-                    f"{source}: moe_hidden_size {self.moe_hidden_size} must equal hidden_size {self.hidden_size}"
-                )
-            if self.use_moe and self.mm_vision_select_feature != "cls_patch":
-                raise ParrotError(f"{source}: the MoE needs mm_vision_select_feature 'cls_patch'")
+        """The relations between fields (the fields' own types and ranges are checked when reading)."""
+        values = {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
+        check_relations(values, PARROT_RELATIONS, source)
+        projector_depth(self.mm_projector_type, source)
+        rs = self.rope_scaling or {}
+        kind = rs.get("type") or rs.get("rope_type") or "default"
+        if kind != "default" and "factor" not in rs:
+            raise ParrotError(f"{source}: rope_scaling.factor is missing; expected a positive number (rope_scaling "
+                              f"type {kind!r} needs it)")
+        if self.moe_active and self.mm_vision_select_feature != "cls_patch":
+            raise ParrotError(f"{source}: the MoE needs mm_vision_select_feature 'cls_patch'")
 
     # ---------------------------------------------------------------- writing
     def to_dict(self, layout: str = "official") -> dict[str, Any]:
@@ -252,7 +231,7 @@ class ParrotConfig:
 
     @property
     def projector_depth(self) -> int:
-        return _projector_depth(self.mm_projector_type)
+        return projector_depth(self.mm_projector_type)
 
     def vision_layers_used(self, vision: VisionConfig) -> int:
         """How many CLIP encoder layers the selected hidden state needs (-2: all but the last)."""
@@ -261,7 +240,8 @@ class ParrotConfig:
         used = n + 1 + sel if sel < 0 else sel
         if not 0 <= used <= n:
             raise ParrotError(
-                f"config: mm_vision_select_layer {sel} is out of range for a {n}-layer vision tower"
+                f"config.json: mm_vision_select_layer is {sel}; expected an integer from {-n - 1} to {n} "
+                f"(the vision tower has {n} layers)"
             )
         return used
 

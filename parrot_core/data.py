@@ -14,7 +14,6 @@ MoE run for every sample (their output is not spliced in). Backend-agnostic: no 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ROLE_HEADERS
 from .errors import ParrotError
-from .image import ImageSettings, preprocess
+from .image import DECODE_ERRORS, ImageSettings, preprocess
 from .prompt import format_conversation, move_image_to_front
-from .tokenizer import Tokenizer
+from .schema import parse_json
+from .tokenizer import Tokenizer, is_text
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ def read_llava_json(path: str | Path) -> list:
     if not p.is_file():
         raise ParrotError(f"{p}: training data file not found")
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ParrotError(f"{p}: not valid JSON ({e}). Expected a LLaVA list of samples.") from None
+        raw = parse_json(p.read_bytes(), str(p))
+    except ParrotError as e:
+        raise ParrotError(f"{e}. Expected a LLaVA list of samples.") from None
     if not isinstance(raw, list):
         raise ParrotError(
             f"{p}: expected a JSON list of samples ([{{\"id\", \"image\", \"conversations\": [...]}}]), "
@@ -112,8 +112,11 @@ def check_conversations(sample: Any) -> list[dict]:
     if not isinstance(convs, list) or not convs:
         raise _Drop(MALFORMED, "'conversations' is missing, empty or not a list")
     for i, turn in enumerate(convs):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLE_HEADERS or not isinstance(turn.get("value"), str):
+        if (not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in ROLE_HEADERS
+                or not isinstance(turn.get("value"), str)):
             raise _Drop(MALFORMED, f"turn {i} needs 'from' (human, gpt or system) and a string 'value'")
+        if not is_text(turn["value"]):
+            raise _Drop(MALFORMED, f"turn {i}'s value is not valid Unicode text (a lone surrogate)")
     if not any(t["from"] == "gpt" for t in convs):
         raise _Drop(NO_ANSWER)
     return convs
@@ -140,12 +143,15 @@ def splice_labels(input_ids: Sequence[int], labels: Sequence[int], num_visual_to
 
 
 def _check_image(path: Path) -> str | None:
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return IMAGE_MISSING
+    except OSError:  # e.g. a name longer than the file system allows
         return IMAGE_MISSING
     try:
         with Image.open(path):  # reads the header only; full decoding happens in the loader
             return None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except (*DECODE_ERRORS, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
         return IMAGE_UNREADABLE
 
 

@@ -18,11 +18,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ParrotError
+from .schema import PREPROCESSOR, check, parse_json, show
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own bomb limit; larger images are refused
 PREPROCESSOR_NAME = "preprocessor_config.json"
+# what PIL raises for a damaged file (besides UnidentifiedImageError); some plugins raise
+# NotImplementedError for variants they do not know (found by tests/test_fuzz_images.py)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError)
 
 
 @dataclass
@@ -46,33 +50,30 @@ class ImageSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = PREPROCESSOR_NAME) -> ImageSettings:
-        try:
-            crop = d.get("crop_size", 336)
-            ch, cw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-            size = d.get("size", ch)
-            if isinstance(size, dict):
-                size = size.get("shortest_edge", size.get("height"))
-            return cls(
-                crop_height=int(ch), crop_width=int(cw), shortest_edge=int(size),
-                image_mean=tuple(float(x) for x in d.get("image_mean", CLIP_MEAN)),
-                image_std=tuple(float(x) for x in d.get("image_std", CLIP_STD)),
-                rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-                resample=int(d.get("resample", 3)),
-                do_resize=bool(d.get("do_resize", True)),
-                do_center_crop=bool(d.get("do_center_crop", True)),
-                do_rescale=bool(d.get("do_rescale", True)),
-                do_normalize=bool(d.get("do_normalize", True)),
-            )
-        except (TypeError, ValueError, KeyError) as e:
-            raise ParrotError(f"{source}: malformed preprocessor settings ({e})") from None
+        """CLIPImageProcessor settings, every field checked against `schema.PREPROCESSOR`."""
+        check(d, PREPROCESSOR, source)
+        crop = d.get("crop_size", 336)
+        ch, cw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        size = d.get("size", ch)
+        if isinstance(size, dict):
+            size = size.get("shortest_edge", size.get("height"))
+            if size is None:
+                raise ParrotError(f"{source}: size is {show(d['size'])}; expected an object with shortest_edge")
+        return cls(
+            crop_height=ch, crop_width=cw, shortest_edge=size,
+            image_mean=tuple(float(x) for x in d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(float(x) for x in d.get("image_std", CLIP_STD)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            resample=d.get("resample", 3),
+            do_resize=d.get("do_resize", True),
+            do_center_crop=d.get("do_center_crop", True),
+            do_rescale=d.get("do_rescale", True),
+            do_normalize=d.get("do_normalize", True),
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> ImageSettings:
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ParrotError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(parse_json(Path(path).read_bytes(), str(path)), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """CLIPImageProcessor's preprocessor_config.json."""
@@ -122,7 +123,7 @@ def open_image(image: str | Path | Image.Image | bytes) -> Image.Image:
             ) from None
         except UnidentifiedImageError:
             raise ParrotError(f"{name}: not an image (PIL cannot identify the file)") from None
-        except (OSError, SyntaxError, ValueError) as e:
+        except DECODE_ERRORS as e:
             raise ParrotError(f"{name}: truncated or corrupt image ({e})") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old

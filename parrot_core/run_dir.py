@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import ParrotError
 from .fsutil import atomic_output_file
+from .schema import parse_json
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"  # a checkpoint's model description (config, tokenizer, preprocessor settings)
@@ -125,11 +126,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ParrotError(f"{path}: not found (incomplete checkpoint?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ParrotError(f"{path}: not valid JSON ({e})") from None
+    return parse_json(raw, str(path))
 
 
 # ---------------------------------------------------------------- host RNG states (JSON)

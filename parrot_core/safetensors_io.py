@@ -21,10 +21,12 @@ import numpy as np
 
 from .errors import ParrotError
 from .layout import canonical_key
+from .schema import parse_json, show
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_DIMS = 32  # numpy's limit (1.x)
 
 ST_TO_NP = {
     "F64": np.dtype(np.float64),
@@ -66,6 +68,10 @@ class TensorInfo:
         return ST_TO_NP[self.dtype]
 
 
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class SafetensorsFile:
     """One .safetensors file: its validated header and random access to each tensor."""
 
@@ -91,26 +97,47 @@ class SafetensorsFile:
                 raise ValueError("header is not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
             raise ParrotError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except RecursionError:
+            raise ParrotError(f"{self.path}: corrupt safetensors header (nested too deeply)") from None
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ParrotError(f"{self.path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        self.metadata = meta
         base = 8 + n
-        data_size = size - base
         self.tensors: dict[str, TensorInfo] = {}
         for key, entry in header.items():
-            try:
-                dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ParrotError(f"{self.path}: corrupt safetensors header entry for {key!r}") from None
-            if dtype not in ST_TO_NP:
-                raise ParrotError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
-            expected = math.prod(shape) * ST_TO_NP[dtype].itemsize
-            if e - b != expected or b < 0:
-                raise ParrotError(f"{self.path}: corrupt safetensors header: tensor {key!r} has wrong size")
-            if e > data_size:
-                raise ParrotError(
-                    f"{self.path}: truncated safetensors file: tensor {key!r} ends at byte {base + e} but the "
-                    f"file has {size} bytes. Download or convert it again."
-                )
-            self.tensors[canonical_key(key)] = TensorInfo(dtype, shape, base + b, base + e)
+            info = self._entry(key, entry, base, size)
+            if canonical_key(key) in self.tensors:
+                raise ParrotError(f"{self.path}: corrupt safetensors header: tensor {key!r} is listed twice")
+            self.tensors[canonical_key(key)] = info
+        spans = sorted((t.start, t.end, k) for k, t in self.tensors.items() if t.end > t.start)
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ParrotError(f"{self.path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap")
+
+    def _entry(self, key: str, entry, base: int, size: int) -> TensorInfo:
+        """One header entry, checked against the file size before anything is allocated."""
+        def corrupt(why: str) -> ParrotError:
+            return ParrotError(f"{self.path}: corrupt safetensors header: tensor {key!r} {why}")
+
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise corrupt("needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_TO_NP:
+            raise ParrotError(f"{self.path}: tensor {key!r} has unsupported dtype {show(dtype)}")
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_index(s) for s in shape):
+            raise corrupt(f"has shape {show(shape)}; expected a list of at most {_MAX_DIMS} non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+            raise corrupt(f"has data_offsets {show(offsets)}; expected [begin, end] byte offsets")
+        b, e = offsets
+        if e - b != math.prod(shape) * ST_TO_NP[dtype].itemsize:
+            raise corrupt("has wrong size")
+        if base + e > size:
+            raise ParrotError(
+                f"{self.path}: truncated safetensors file: tensor {key!r} ends at byte {base + e} but the "
+                f"file has {size} bytes. Download or convert it again."
+            )
+        return TensorInfo(dtype, tuple(shape), base + b, base + e)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -138,12 +165,14 @@ class CheckpointFiles:
         files: list[Path]
         self.weight_map: dict[str, str] = {}
         if index.is_file():
-            try:
-                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                if not isinstance(wm, dict):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                raise ParrotError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+            raw = parse_json(index.read_bytes(), str(index))
+            wm = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(wm, dict):
+                raise ParrotError(f"{index}: malformed index (expected a JSON object with 'weight_map')")
+            for k, name in wm.items():
+                if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name:
+                    raise ParrotError(f"{index}: malformed index: weight_map gives {k!r} the file {show(name)}; "
+                                      "expected a .safetensors file name in the same directory")
             self.weight_map = {canonical_key(k): v for k, v in wm.items()}
             files = [self.directory / name for name in dict.fromkeys(wm.values())]
             for f in files:

@@ -59,6 +59,17 @@ def _added_tokens(directory: Path) -> list[AddedToken]:
     return list(out.values())
 
 
+def is_text(v: object) -> bool:
+    """A str the tokenizer can encode: JSON's \\uXXXX escapes can make lone surrogates, which are not."""
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Tokenizer:
     def __init__(self, backend: _HFTokenizer, directory: Path | None = None):
         self.backend = backend
@@ -98,6 +109,9 @@ class Tokenizer:
         return cls(backend, d)
 
     def encode(self, text: str) -> list[int]:
+        if not is_text(text):
+            raise ParrotError(f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is not valid Unicode (it holds a "
+                              "lone surrogate, e.g. from a JSON \\ud800 escape); the tokenizer cannot encode it")
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

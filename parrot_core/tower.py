@@ -8,13 +8,13 @@ preprocessor_config.json, else the model directory's, else CLIP defaults at the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import KNOWN_VISION_TOWERS, ParrotConfig, VisionConfig
 from .errors import ParrotError
 from .image import PREPROCESSOR_NAME, ImageSettings
+from .schema import parse_json, show
 
 
 @dataclass
@@ -26,13 +26,13 @@ class ResolvedTower:
 
 
 def _read_clip_dir(d: Path) -> VisionConfig:
-    try:
-        raw = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ParrotError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    path = d / "config.json"
+    raw = parse_json(path.read_bytes(), str(path))
+    if not isinstance(raw, dict):
+        raise ParrotError(f"{path}: expected a JSON object (a CLIP config), not {show(raw)}")
     if raw.get("model_type") not in (None, "clip", "clip_vision_model"):
-        raise ParrotError(f"{d / 'config.json'}: model_type {raw.get('model_type')!r} is not a CLIP tower")
-    return VisionConfig.from_dict(raw)
+        raise ParrotError(f"{path}: model_type {show(raw.get('model_type'))} is not a CLIP tower")
+    return VisionConfig.from_dict(raw, str(path))
 
 
 def _hub_cache_dir(repo_id: str) -> Path | None:
@@ -50,6 +50,10 @@ def _hub_cache_dir(repo_id: str) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
+def _cut(name: str | None, limit: int = 200) -> str | None:
+    return name if name is None or len(name) <= limit else name[:limit] + "..."
+
+
 def find_tower_dir(name: str, model_dir: Path | None) -> Path | None:
     candidates = [Path(name)] if Path(name).is_absolute() else []
     if not Path(name).is_absolute():
@@ -57,8 +61,11 @@ def find_tower_dir(name: str, model_dir: Path | None) -> Path | None:
             candidates.append(model_dir / name)
         candidates.append(Path.cwd() / name)
     for c in candidates:
-        if (c / "config.json").is_file():
-            return c
+        try:
+            if (c / "config.json").is_file():
+                return c
+        except OSError:  # a name the file system cannot hold (too long)
+            continue
     return _hub_cache_dir(name)
 
 
@@ -92,7 +99,7 @@ def resolve_vision_tower(
             vc = KNOWN_VISION_TOWERS[name]
             return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
         raise ParrotError(
-            f"vision tower {name!r}: not a directory with a CLIP config.json and not a known tower "
+            f"vision tower {_cut(name)!r}: not a directory with a CLIP config.json and not a known tower "
             f"({', '.join(KNOWN_VISION_TOWERS)})"
         )
     name = cfg.mm_vision_tower
@@ -108,7 +115,7 @@ def resolve_vision_tower(
         return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
     where = f" (looked in {model_dir} and {Path.cwd()})" if model_dir else ""
     raise ParrotError(
-        f"config.json: mm_vision_tower {name!r} does not resolve: it is not a directory with a CLIP "
+        f"config.json: mm_vision_tower {_cut(name)!r} does not resolve: it is not a directory with a CLIP "
         f"config.json{where} nor a known tower ({', '.join(KNOWN_VISION_TOWERS)}). Pass the tower "
         "directory with --vision-tower DIR (Python: vision_tower=DIR)."
     )

@@ -16,6 +16,7 @@ from . import registry
 from .adapter import LORA_FIELDS, resolve_lora
 from .config import DTYPES
 from .errors import ParrotError
+from .schema import TRAIN_CONFIG, check
 
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"lr": 1e-3, "batch_size": 8, "grad_accum": 4},  # scripts/train/pretrain.sh (x 8 GPUs: global 256)
@@ -178,7 +179,9 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "run_config.json") -> TrainConfig:
+        """The settings as run_config.json records them, checked against `schema.TRAIN_CONFIG`."""
+        check(d, TRAIN_CONFIG, source)
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -16,6 +16,7 @@ from .errors import ParrotError
 from .registry import BackendSpec
 from .run_dir import RunDir, read_json, write_json
 from .schedule import StepPlan, warmup_steps
+from .schema import RUN_CONFIG, check
 from .tokenizer import Tokenizer
 from .train_config import TrainConfig
 from .train_source import ModelSource, open_source
@@ -55,11 +56,12 @@ def launch_world() -> tuple[int, int]:
 
 
 def _check_resume(tc: TrainConfig, latest: Path, world_size: int) -> None:
-    saved_run = read_json(latest / "run_config.json")
-    saved = TrainConfig.from_dict(saved_run["config"])
-    derived = saved_run.get("derived", {})
+    path = latest / "run_config.json"
+    saved_run = read_json(path)
+    check(saved_run, RUN_CONFIG, str(path))
+    saved = TrainConfig.from_dict(saved_run["config"], str(path))
     diff = tc.trajectory_diff(saved)
-    saved_world = int(derived.get("world_size", 1))
+    saved_world = saved_run.get("derived", {}).get("world_size", 1)
     if saved.grad_accum * saved_world != tc.grad_accum * world_size:
         diff.append(f"global batch: --grad-accum {saved.grad_accum} x {saved_world} process(es) -> "
                     f"{tc.grad_accum} x {world_size}")

@@ -82,3 +82,14 @@ def without_packages(*names: str) -> dict:
     """Environment for a subprocess in which `names` (e.g. "torch", "mlx") look uninstalled."""
     pp = os.pathsep.join([str(BLOCK_IMPORTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return {"PYTHONPATH": pp, "PARROT_TEST_BLOCK": ",".join(names)}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many cases each fuzzed loader was fed (tests/fuzz.py), for docs/benchmarks.md's Reliability section."""
+    fuzz = sys.modules.get("fuzz")
+    if fuzz is not None and fuzz.COUNTS:
+        terminalreporter.write_sep("-", "fuzz cases per loader")
+        for name, n in sorted(fuzz.COUNTS.items()):
+            terminalreporter.write_line(f"{name}: {n} cases, {fuzz.REFUSED[name]} refused with a clear error")
+        for name, n in sorted(fuzz.NOTES.items()):
+            terminalreporter.write_line(f"{name}: {n}")
