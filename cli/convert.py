@@ -41,7 +41,8 @@ def _size(n: float) -> str:
               "settings [default: SRC/model, written by parrot train].")
 @click.option("--fuse-adapter", "adapter", default=None, metavar="DIR",
               help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights.")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace DST if it is a previous `parrot convert` output (anything else is never replaced).")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
             quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
             config: str | None, adapter: str | None, force: bool) -> None:

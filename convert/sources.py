@@ -9,7 +9,7 @@ A new kind (e.g. DeepSpeed / DCP checkpoints) is one more entry in `KINDS`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class Source:
     checkpoint: Checkpoint
     tensors: list[SourceTensor]
     stored: str | None = None  # the tensors' dtype when the checkpoint has no safetensors files to tell
+    inputs: list[tuple[str, Path]] = field(default_factory=list)  # other directories read (a run's base model)
 
     @property
     def path(self) -> Path:
@@ -143,7 +144,9 @@ def open_source(path: str | Path, vision_tower=None, description: str | Path | N
     raise ParrotError(f"{path}: not a model directory of a known kind ({', '.join(n for n, _, _ in KINDS)})")
 
 
-# training checkpoints (DeepSpeed, DCP) come first: they are recognized by their own files
-from .training_sources import KINDS as _TRAINING_KINDS  # noqa: E402  (needs Source, defined above)
+# training checkpoints (DeepSpeed, DCP, one process) come first: they are recognized by their own files
+from .run_checkpoint import is_run_checkpoint, open_run_checkpoint  # noqa: E402  (needs Source, defined above)
+from .training_sources import KINDS as _TRAINING_KINDS  # noqa: E402
 
-KINDS[:0] = _TRAINING_KINDS
+KINDS[:0] = [*_TRAINING_KINDS, ("training checkpoint (parrot train, one process: the trained tensors)",
+                                is_run_checkpoint, open_run_checkpoint)]

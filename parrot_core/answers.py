@@ -28,14 +28,14 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .batch import Request, generate_batch
 from .errors import ParrotError
-from .fsutil import atomic_output_file
+from .fsutil import atomic_output_file, check_output
 from .generation import GenerationResult, ImageCache, SamplingParams
 
 SETTINGS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
@@ -192,6 +192,15 @@ class _Pixels:
         return self._items[path]
 
 
+def check_answer_output(output: str | Path, input_path: str | Path, inputs: Iterable[tuple[str, Any]] = (),
+                        image_dir: str | Path | None = None) -> None:
+    """The answers file is neither the requests file (also through a link), nor inside the model, tower or
+    adapter directories, and is not the image folder (it may lie in it)."""
+    others = [(label, p) for label, p in inputs if p is not None]
+    check_output(output, [("input", input_path), *others], "--output",
+                 folders=[("image folder", image_dir)] if image_dir is not None else [])
+
+
 def answer_file(
     model,
     input_path: str | Path,
@@ -211,8 +220,7 @@ def answer_file(
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParrotError(f"batch size must be an integer >= 1 (got {batch_size!r})")
-    if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
-        raise ParrotError(f"{output_path}: the output must be another file than the input")
+    check_answer_output(output_path, input_path, [("model", getattr(model, "path", None))], image_dir)
     base = Path(image_dir) if image_dir is not None else input_path.parent
     if image_dir is not None and not base.is_dir():
         raise ParrotError(f"{base}: image directory not found")

@@ -19,9 +19,8 @@ from .generation import GenerationResult, ImageCache, SamplingParams, TextStream
 from .hub import resolve_model_path
 from .image import preprocess
 from .prompt import build_inference_ids
+from .registry import BACKENDS
 from .tokenizer import Tokenizer
-
-BACKENDS = ("mlx", "cpu", "cuda")
 
 
 class ParrotModel:

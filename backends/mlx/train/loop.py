@@ -20,13 +20,14 @@ from mlx.utils import tree_map
 from tqdm import tqdm
 
 from parrot.errors import ParrotError
-from parrot.run_dir import STATE_NAME, RunDir, host_rng_state, read_json, set_host_rng_state, write_json
+from parrot.run_dir import STATE_NAME, host_rng_state, read_json, set_host_rng_state, write_json
 from parrot.schedule import StepPlan, cosine_lr_factor, warmup_steps
+from parrot.train_source import write_model_description
 from parrot.training import PreparedRun
 
 from .build import build_model, cast_frozen, enable_grad_checkpoint, set_trainable, trainable_summary
 from .data import step_batches
-from .export import export_adapter, export_model
+from .export import MODEL_DIR, export_adapter, export_model
 from .optim import TorchAdamW, clip_grad_norm
 from .state import BACKEND_MARK, load_state, save_state
 from .step import loss_sum, prepare
@@ -119,7 +120,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
                         mem=f"{row['peak_memory_gib']:.2f}G")
         bar.update(1)
         if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps:
-            _save_checkpoint(run, model, optimizer, step + 1, plan, run_config, tc.save_total_limit)
+            _save_checkpoint(p, model, optimizer, step + 1, plan, run_config)
     bar.close()
     if peak:
         size = f"{peak:.2f} GiB" if peak >= 1 else f"{peak * 1024:.0f} MiB"
@@ -143,11 +144,13 @@ def _dropout_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + micro) % 2**63
 
 
-def _save_checkpoint(run: RunDir, model, optimizer: TorchAdamW, step: int, plan: StepPlan, run_config: dict,
-                     keep: int | None) -> None:
+def _save_checkpoint(p: PreparedRun, model, optimizer: TorchAdamW, step: int, plan: StepPlan, run_config: dict) -> None:
+    run, keep = p.run, p.config.save_total_limit
     tmp = run.staging_dir(step)
     save_state(model, optimizer, tmp)
     write_json(tmp / "run_config.json", run_config)
+    if not p.config.lora:  # what `parrot convert step-N` needs beside the trained tensors (as the torch trainer)
+        write_model_description(p.source, tmp / MODEL_DIR, p.config.dtype, p.config.max_length)
     epoch, offset = plan.position(step)
     state = {"step": step, "epoch": epoch, "sample_offset": offset, "total_steps": plan.total_steps,
              "host_rng": host_rng_state(), "backend": BACKEND_MARK, "machine": platform.machine()}
