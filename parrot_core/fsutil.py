@@ -112,6 +112,25 @@ def check_replaceable(dst: PathLike, force: bool, command: str | None, name: str
 
 
 # ---------------------------------------------------------------- 3. temporary paths renamed into place
+def current_umask() -> int:
+    """The process's umask (Linux: read from /proc, without changing it; elsewhere set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: PathLike) -> None:
+    """Gives a file written by a library that creates private files (safetensors' save_file: 0600) the
+    permissions the umask gives a new file."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def _fresh_name(parent: Path, stem: str, kind: str) -> Path:
     return parent / f".{stem}.{kind}-{secrets.token_hex(4)}"
 

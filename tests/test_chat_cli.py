@@ -130,8 +130,10 @@ def test_chat_invalid_model_directory(make, needle, tmp_path, images):
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["--temp", "-1"], "temperature"), (["--top-p", "0"], "top_p"), (["--max-tokens", "0"], "max_tokens")],
+    [(["--temp", "-1"], "--temp must be a finite number >= 0"), (["--top-p", "0"], "--top-p must be in (0, 1]"),
+     (["--max-tokens", "0"], "--max-tokens must be an integer >= 1"), (["--seed", "-2"], "--seed must be")],
 )
-def test_chat_bad_sampling_options(args, needle, tiny_ckpt):
+def test_chat_bad_sampling_options_name_the_flag(args, needle, tiny_ckpt):
     proc = run_parrot("chat", "--backend", "cpu", "--model", tiny_ckpt, "--prompt", "hi", *args)
     assert_clean_failure(proc, needle)
+    assert "max_tokens" not in proc.stderr and "top_p" not in proc.stderr  # no Python parameter names

@@ -145,7 +145,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
         ([*base, "--llm", write_tiny_llm(tmp_path / "qwen"), "--vision-tower", "openai/clip-vit-large-patch14-336",
           "--output", tmp_path / "g"], ("openai/clip-vit-large-patch14-336", "download")),
         ([*base, "--model", tmp_path / "nope", "--output", tmp_path / "e"], ("nope", "not found")),
-        ([*base, "--model", tiny_ckpt, "--output", tiny_ckpt], ("already exists", "--resume")),
+        ([*base, "--model", tiny_ckpt, "--output", tiny_ckpt], ("--output", "is the --model")),
         (["train", "--backend", "cuda", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output",
           tmp_path / "f"], ("--backend cuda",)),
     ]
