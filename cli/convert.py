@@ -48,8 +48,10 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
             config: str | None, adapter: str | None, force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
 
-    SRC may also be a checkpoint of a sharded training run (`parrot train --deepspeed` or `--fsdp`:
-    OUTPUT/checkpoints/step-N), consolidated into a full model.
+    SRC may also be a training checkpoint (`parrot train`: OUTPUT/checkpoints/step-N), consolidated into a full
+    model: sharded ones (--deepspeed, --fsdp) hold every weight; one-process ones hold the trained tensors and
+    take the others from the run's source model. DST is never an input, nor inside or around one; --force
+    replaces only a previous `parrot convert` output.
 
     \b
     Examples:

@@ -181,9 +181,10 @@ def convert_checkpoint(
     vision_tower: a CLIP directory or id, merged when SRC lacks the tower weights, or supplying the
     tower config when `mm_vision_tower` does not resolve.
     progress: called with the source bytes of each tensor once written; on_start: with the opened source.
-    SRC may also be a training checkpoint (`parrot train --deepspeed` / `--fsdp`, the `step-N` directory):
-    its weights are consolidated; `config` names the directory with its config.json, tokenizer and
-    preprocessor settings when the one the trainer wrote next to it (`step-N/model/`) is missing.
+    SRC may also be a training checkpoint (the `step-N` directory of `parrot train`: DeepSpeed, DCP, or one
+    process, whose trained tensors overlay the run's source model, see run_checkpoint.py); `config` names the
+    directory with its config.json, tokenizer and preprocessor settings when the one the trainer wrote next
+    to it (`step-N/model/`) is missing.
     adapter: a LoRA adapter directory trained on SRC, fused into the weights (W + scale (A B)^T in
     float32); a quantized SRC is dequantized first (the output is float unless quantize_bits is set).
     dst must not be, contain or lie inside any input (SRC, the tower, --config, the adapter, a training

@@ -94,3 +94,19 @@ def test_32bit_and_float_grayscale_are_scaled():
     small = np.arange(200, dtype=np.int32).reshape(10, 20)  # already 8-bit values: as PIL converts them
     assert np.array_equal(np.asarray(open_image(Image.fromarray(small, "I"))),
                           np.asarray(Image.fromarray(small, "I").convert("RGB")))
+
+
+def test_training_data_drops_an_image_too_large_once_padded(thin_png, tiny_ckpt, tmp_path):
+    import json
+
+    from parrot.data import IMAGE_TOO_LARGE, LlavaData
+    from parrot.tokenizer import Tokenizer
+
+    Image.new("RGB", (20, 30), (1, 2, 3)).save(tmp_path / "ok.png")
+    convs = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A line."}]
+    samples = [{"id": "thin", "image": str(thin_png), "conversations": convs},
+               {"id": "ok", "image": "ok.png", "conversations": convs}]
+    (tmp_path / "data.json").write_text(json.dumps(samples))
+    data = LlavaData(tmp_path / "data.json", tmp_path, Tokenizer.from_dir(tiny_ckpt), ImageSettings(), 10)
+    assert [s.id for s in data.samples] == ["ok"]
+    assert [d["id"] for d in data.report.dropped[IMAGE_TOO_LARGE]] == ["thin"]
