@@ -150,9 +150,9 @@ def load_answers(path: str | Path) -> set[str]:
         if obj is None:
             changed = True
             continue
-        if not isinstance(obj, dict) or "id" not in obj:
-            raise ParrotError(f"{path}: line {n} is not an answer row written by parrot generate; "
-                              "choose another output file (or move this one away)")
+        if not isinstance(obj, dict) or "id" not in obj or not {"text", "error"} & obj.keys():
+            raise ParrotError(f"{path}: line {n} is not an answer row written by parrot generate (one has an id "
+                              "and a text or an error); choose another output file (or move this one away)")
         if "error" in obj:
             changed = True  # tried again
             continue

@@ -126,3 +126,14 @@ def test_converted_files_get_the_umask_permissions(umask, file_mode, dir_mode, t
     got = modes(tmp_path / "mlx")
     want = {k: dir_mode if (tmp_path / "mlx" / k).is_dir() else file_mode for k in got}
     assert got == want and len(got) > 5
+
+
+def test_generate_never_takes_request_rows_for_answers(tmp_path):
+    """Another requests file as -o (not a link to -i): its rows have ids but no text, so they are no answers."""
+    from parrot.answers import load_answers
+
+    other = tmp_path / "other_requests.jsonl"
+    other.write_text('{"id": "r0", "prompt": "Question 0?"}\n')
+    with pytest.raises(ParrotError, match="line 1 is not an answer row"):
+        load_answers(other)
+    assert other.read_text() == '{"id": "r0", "prompt": "Question 0?"}\n'
