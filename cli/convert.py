@@ -39,8 +39,9 @@ def _size(n: float) -> str:
 @click.option("--config", "config", default=None, metavar="DIR",
               help="For a training checkpoint SRC: a directory with its config.json, tokenizer and preprocessor "
               "settings [default: SRC/model, written by parrot train].")
-@click.option("--fuse-adapter", "adapter", default=None, metavar="DIR",
-              help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights.")
+@click.option("--fuse-adapter", "--adapter-path", "adapter", default=None, metavar="DIR",
+              help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights "
+              "(--adapter-path: mlx_lm.fuse's name).")
 @click.option("--force", is_flag=True,
               help="Replace DST if it is a previous `parrot convert` output (anything else is never replaced).")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,

@@ -48,6 +48,8 @@ def test_mlx_lm_flag_names_are_accepted_and_shown():
     gen = parse("generate", ["-i", "in.jsonl", "-o", "out.jsonl", "--adapter-path", "ad", "--system-prompt", "S"])
     assert (gen["adapter_path"], gen["system"]) == ("ad", "S")
     assert parse("bench", ["--model", "m", "--adapter-path", "ad"])["adapter_path"] == "ad"
+    assert "--fuse-adapter, --adapter-path DIR" in help_text("convert")  # mlx_lm.fuse's name
+    assert parse("convert", ["src", "dst", "--adapter-path", "ad"])["adapter"] == "ad"
     train = parse("train", ["--stage", "2", "--data", "d.json", "--output", "o", "--iters", "7",
                             "--learning-rate", "0.5"])
     assert (train["max_steps"], train["lr"]) == (7, 0.5)
