@@ -5,14 +5,13 @@ from __future__ import annotations
 import click
 
 from parrot.config import DTYPES
-from parrot.registry import NAMES as BACKENDS
-from parrot.registry import default_backend
+
+from .common import adapter_option, backend_option, vision_tower_option
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", required=True, help="Model directory (official or MLX layout) or a hub id.")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
+@backend_option()
 @click.option("--prompt-tokens", "-p", type=int, default=512, show_default=True,
               help="Random text tokens in the prompt (the visual tokens come on top).")
 @click.option("--gen-tokens", "--generation-tokens", "-g", type=int, default=128, show_default=True,
@@ -23,14 +22,16 @@ from parrot.registry import default_backend
 @click.option("--num-trials", "-n", type=int, default=3, show_default=True, help="Timed trials (after one warmup).")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True, help="Prompts decoded together.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
-@click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
+@vision_tower_option()
+@adapter_option()
 def bench(model_path, backend, prompt_tokens, gen_tokens, image, no_image, num_trials, batch_size, dtype,
-          vision_tower):
+          vision_tower, adapter_path):
     """Measure prompt and generation speed, time to first token (vision + prefill) and peak memory."""
     import parrot
     from parrot.bench import format_averages, format_trial, run_benchmark
     from parrot.errors import ParrotError
-    from parrot.image import open_image
+    from parrot.image import ImageSettings, open_image
+    from parrot.registry import default_backend
 
     if image is not None and no_image:
         raise ParrotError("--image and --no-image exclude each other")
@@ -38,10 +39,10 @@ def bench(model_path, backend, prompt_tokens, gen_tokens, image, no_image, num_t
                     ("--batch-size", batch_size)):
         if v < 1:
             raise ParrotError(f"{name} must be >= 1 (got {v})")
-    picture = False if no_image else open_image(image) if image is not None else None
+    picture = False if no_image else open_image(image, ImageSettings()) if image is not None else None
     backend = backend or default_backend()
     click.echo(f"Loading {model_path} ({backend})...", err=True)
-    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower)
+    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter_path)
     what = "none" if no_image else image or "synthetic"
     visual = 0 if no_image else model.num_visual_tokens
     click.echo("Running warmup..")

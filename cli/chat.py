@@ -7,10 +7,15 @@ import sys
 import click
 
 from parrot.config import DTYPES
-from parrot.registry import NAMES as BACKENDS
-from parrot.registry import default_backend
 
-DEFAULT_MODEL = "AIDC-AI/Parrot-7B"
+from .common import (
+    DEFAULT_MODEL,
+    adapter_option,
+    backend_option,
+    sampling_settings,
+    system_option,
+    vision_tower_option,
+)
 
 
 def _lenient_streams() -> None:
@@ -35,18 +40,16 @@ def _line_editing() -> None:
 @click.argument("image", required=False)
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="Model directory (official or MLX layout) or a hub id.")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
+@backend_option()
 @click.option("--prompt", "-p", default=None, help="Answer this once and exit (otherwise: interactive chat).")
 @click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer.")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible answers).")
-@click.option("--system", default=None, help='System prompt (default "You are a helpful assistant.").')
+@system_option()
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
-@click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
-@click.option("--adapter", "adapter_path", default=None, metavar="DIR",
-              help="LoRA adapter (parrot train --lora's output) trained on --model.")
+@vision_tower_option()
+@adapter_option()
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory figures after each answer (stderr).")
 def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, system, dtype, vision_tower, adapter_path,
          verbose):
@@ -56,14 +59,13 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
     conversation, /exit or Ctrl-D quits.
     """
     import parrot
-    from parrot.chat import HELP, ChatSession, run_repl
-    from parrot.generation import SamplingParams
-    from parrot.image import open_image
+    from parrot.chat import HELP, ChatSession, printable, run_repl
+    from parrot.image import ImageSettings, open_image
+    from parrot.registry import default_backend
 
     _lenient_streams()
-    sampling = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
-    SamplingParams(**sampling)  # bad values fail before the model loads
-    picture = open_image(image) if image is not None else None  # so does a bad image
+    sampling = sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads
+    picture = open_image(image, ImageSettings()) if image is not None else None  # so does a bad image
     backend = backend or default_backend()
     click.echo(f"Loading {model_path} ({backend})...", err=True)
     model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter_path)
@@ -71,7 +73,7 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
     if prompt is not None:
         stream = session.ask(prompt, **sampling)
         for piece in stream:
-            sys.stdout.write(piece)
+            sys.stdout.write(printable(piece))  # an answer's control characters never reach the terminal
             sys.stdout.flush()
         sys.stdout.write("\n")
         if verbose:

@@ -39,16 +39,20 @@ def _size(n: float) -> str:
 @click.option("--config", "config", default=None, metavar="DIR",
               help="For a training checkpoint SRC: a directory with its config.json, tokenizer and preprocessor "
               "settings [default: SRC/model, written by parrot train].")
-@click.option("--fuse-adapter", "adapter", default=None, metavar="DIR",
-              help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights.")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--fuse-adapter", "--adapter-path", "adapter", default=None, metavar="DIR",
+              help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights "
+              "(--adapter-path: mlx_lm.fuse's name).")
+@click.option("--force", is_flag=True,
+              help="Replace DST if it is a previous `parrot convert` output (anything else is never replaced).")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
             quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
             config: str | None, adapter: str | None, force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
 
-    SRC may also be a checkpoint of a sharded training run (`parrot train --deepspeed` or `--fsdp`:
-    OUTPUT/checkpoints/step-N), consolidated into a full model.
+    SRC may also be a training checkpoint (`parrot train`: OUTPUT/checkpoints/step-N), consolidated into a full
+    model: sharded ones (--deepspeed, --fsdp) hold every weight; one-process ones hold the trained tensors and
+    take the others from the run's source model. DST is never an input, nor inside or around one; --force
+    replaces only a previous `parrot convert` output.
 
     \b
     Examples:

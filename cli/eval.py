@@ -12,13 +12,14 @@ from parrot import registry
 from parrot.config import DTYPES
 from parrot.errors import ParrotError
 
+from .common import adapter_option, backend_option, vision_tower_option
+
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data", nargs=-1, required=True)
 @click.option("--model", "model_path", default=None,
               help="Model directory (official or MLX layout) or a hub id; or --predictions.")
-@click.option("--backend", type=click.Choice(registry.NAMES), default=None,
-              help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
+@backend_option()
 @click.option("--output", "--output-dir", "-o", "output", required=True, type=click.Path(path_type=Path),
               help="Output directory: <dataset>.tsv (answers), <dataset>_acc.csv, summary.json, summary.png.")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True, help="Questions decoded together.")
@@ -33,11 +34,11 @@ from parrot.errors import ParrotError
 @click.option("--judge-seed", type=int, default=0, show_default=True,
               help="Seed of the random pick after 3 unusable judge replies.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
-@click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A LoRA adapter directory.")
+@vision_tower_option()
+@adapter_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(data, model_path, backend, output, batch_size, limit, max_tokens, predictions, judge_url,
-                 judge_model, judge_seed, dtype, vision_tower, adapter, quiet):
+                 judge_model, judge_seed, dtype, vision_tower, adapter_path, quiet):
     """Evaluate on DATA: VLMEvalKit MCQ TSV files or dataset names (MMMB_en ... MMMB_ru, MMMB for all six,
     MMBench_dev_en ... MMBench_dev_ru, MTL_MMBench_DEV for all six), scored as VLMEvalKit scores them.
 
@@ -83,7 +84,7 @@ def eval_command(data, model_path, backend, output, batch_size, limit, max_token
         import parrot
 
         echo(f"Loading {model_path} ({backend})...")
-        return parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter)
+        return parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter_path)
     meta = {"model": model_path, "backend": backend if model_path else None, "max_tokens": max_tokens,
             "limit": limit, "judge": judge_model}
     settings = EvalSettings(batch_size=batch_size, limit=limit, max_tokens=max_tokens, progress=not quiet)

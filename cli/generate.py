@@ -7,17 +7,21 @@ import sys
 import click
 
 from parrot.config import DTYPES
-from parrot.registry import NAMES as BACKENDS
-from parrot.registry import default_backend
 
-from .chat import DEFAULT_MODEL
+from .common import (
+    DEFAULT_MODEL,
+    adapter_option,
+    backend_option,
+    sampling_settings,
+    system_option,
+    vision_tower_option,
+)
 
 
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="Model directory (official or MLX layout) or a hub id.")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Default: mlx on Apple silicon, cuda when a GPU is visible, else cpu.")
+@backend_option()
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Requests, one JSON object per line: id, prompt, optional image and settings.")
 @click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False),
@@ -30,12 +34,13 @@ from .chat import DEFAULT_MODEL
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (each answer records the seed it used).")
-@click.option("--system", default=None, help='System prompt (default "You are a helpful assistant.").')
+@system_option()
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
-@click.option("--vision-tower", default=None, help="CLIP tower directory, when the checkpoint's does not resolve.")
+@vision_tower_option()
+@adapter_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(model_path, backend, input_path, output_path, image_dir, batch_size, max_tokens, temp, top_p, seed,
-             system, dtype, vision_tower, quiet):
+             system, dtype, vision_tower, adapter_path, quiet):
     """Answer every request of --input into --output (JSONL).
 
     \b
@@ -45,12 +50,14 @@ def generate(model_path, backend, input_path, output_path, image_dir, batch_size
     Rerunning skips the ids already answered and retries the rows that failed.
     """
     import parrot
-    from parrot.answers import answer_file, load_answers, read_requests
+    from parrot.answers import answer_file, check_answer_output, load_answers, read_requests
     from parrot.errors import ParrotError
-    from parrot.generation import SamplingParams
+    from parrot.registry import default_backend
 
-    defaults = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
-    SamplingParams(**defaults)  # bad values fail before the model loads
+    # the output is no input (nor inside the model, tower or adapter): checked before anything is read or written
+    check_answer_output(output_path, input_path, [("--model", model_path), ("--vision-tower", vision_tower),
+                                                  ("--adapter", adapter_path)], image_dir)
+    defaults = sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads
     if batch_size < 1:
         raise ParrotError(f"--batch-size must be >= 1 (got {batch_size})")
     rows, _ = read_requests(input_path)  # so does an unreadable input
@@ -62,7 +69,7 @@ def generate(model_path, backend, input_path, output_path, image_dir, batch_size
         return
     backend = backend or default_backend()
     click.echo(f"Loading {model_path} ({backend})...", err=True)
-    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower)
+    model = parrot.load(model_path, backend=backend, dtype=dtype, vision_tower=vision_tower, adapter=adapter_path)
     click.echo(f"{len(rows)} requests, {done} already answered, {len(rows) - done} to do.", err=True)
     try:
         s = answer_file(model, input_path, output_path, image_dir, batch_size, {**defaults, "system": system},

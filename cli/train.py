@@ -13,8 +13,9 @@ from parrot.train_config import TrainConfig
 
 
 @click.command("train")
-@click.option("--backend", type=click.Choice(BACKENDS), default="cuda", show_default=True,
-              help="cuda or cpu (torch), or mlx (Apple silicon; full, LoRA and QLoRA fine-tuning).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="cuda or cpu (torch), or mlx (Apple silicon; full, LoRA and QLoRA fine-tuning). Default: mlx on "
+              "Apple silicon, cuda when a GPU is visible, else cpu.")
 @click.option("--stage", type=click.Choice(["1", "2"]), required=True,
               help="1: train the projector (MoE bypassed). 2: projector, MoE and LLM.")
 @click.option("--model", default=None, metavar="DIR", help="Parrot checkpoint to start from (e.g. stage 1's output).")
@@ -25,11 +26,13 @@ from parrot.train_config import TrainConfig
 @click.option("--image-dir", default=None, metavar="DIR", help="Folder the samples' images are relative to "
               "[default: the data file's folder].")
 @click.option("--output", required=True, metavar="DIR", help="Run directory: checkpoints, metrics.jsonl, final model.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-3 stage 1, 2e-5 stage 2].")
+@click.option("--lr", "--learning-rate", "lr", type=float, default=None,
+              help="Peak learning rate [default: 1e-3 stage 1, 2e-5 stage 2].")
 @click.option("--batch-size", type=int, default=None, help="Per-device micro-batch [default: 8 stage 1, 4 stage 2].")
 @click.option("--grad-accum", type=int, default=None, help="Gradient accumulation steps [default: 4].")
 @click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs (data is cycled).")
+@click.option("--max-steps", "--iters", "max_steps", type=int, default=None,
+              help="Optimizer steps; overrides --epochs (data is cycled).")
 @click.option("--max-length", type=int, default=2048, show_default=True,
               help="Longest sample, counting the visual tokens.")
 @click.option("--truncate", is_flag=True, help="Truncate samples longer than --max-length instead of dropping them.")

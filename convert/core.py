@@ -21,7 +21,7 @@ import numpy as np
 from parrot.adapter import fit_base, read_adapter
 from parrot.config import DTYPES, KNOWN_VISION_TOWERS
 from parrot.errors import ParrotError
-from parrot.fsutil import atomic_output_dir
+from parrot.fsutil import atomic_output_dir, check_output, check_replaceable
 from parrot.hub import download, is_hub_id, resolve_model_path
 from parrot.layout import official_to_mlx_array, official_to_mlx_key, official_to_mlx_shape
 from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
@@ -182,11 +182,15 @@ def convert_checkpoint(
     vision_tower: a CLIP directory or id, merged when SRC lacks the tower weights, or supplying the
     tower config when `mm_vision_tower` does not resolve.
     progress: called with the source bytes of each tensor once written; on_start: with the opened source.
-    SRC may also be a training checkpoint (`parrot train --deepspeed` / `--fsdp`, the `step-N` directory):
-    its weights are consolidated; `config` names the directory with its config.json, tokenizer and
-    preprocessor settings when the one the trainer wrote next to it (`step-N/model/`) is missing.
+    SRC may also be a training checkpoint (the `step-N` directory of `parrot train`: DeepSpeed, DCP, or one
+    process, whose trained tensors overlay the run's source model, see run_checkpoint.py); `config` names the
+    directory with its config.json, tokenizer and preprocessor settings when the one the trainer wrote next
+    to it (`step-N/model/`) is missing.
     adapter: a LoRA adapter directory trained on SRC, fused into the weights (W + scale (A B)^T in
     float32); a quantized SRC is dequantized first (the output is float unless quantize_bits is set).
+    dst must not be, contain or lie inside any input (SRC, the tower, --config, the adapter, a training
+    run's base model); an existing dst is replaced only with `force` and only when it is a previous
+    `parrot convert` output (its `.parrot-output.json` marker, see parrot.fsutil).
     """
     t0 = time.perf_counter()
     if to not in TARGETS:
@@ -199,13 +203,15 @@ def convert_checkpoint(
             raise ParrotError("--quantize writes MLX weights; use it with --to mlx")
         spec = QuantSpec(int(quantize_bits), int(group_size), quantize_experts, quantize_embeddings)
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise ParrotError(f"{dst}: already exists; pass --force to replace it")
+    given = [("source", src), ("--vision-tower", vision_tower), ("--config", config), ("--fuse-adapter", adapter)]
+    check_output(dst, [(label, p) for label, p in given if p is not None and Path(str(p)).exists()], "DST")
+    check_replaceable(dst, force, "convert", "DST")
     src_path = resolve_model_path(src)
-    if dst.resolve() == src_path.resolve():
-        raise ParrotError(f"{dst}: the destination is the source directory; choose another DST")
+    check_output(dst, [("source", src_path)], "DST")
     tower_arg = _tower_argument(vision_tower, src_path)
     source = open_source(src_path, tower_arg, config)
+    check_output(dst, [("model description", source.path), ("vision tower", source.checkpoint.tower.directory),
+                       *source.inputs], "DST")
     Tokenizer.from_dir(source.path)  # missing or broken tokenizer files fail before any weight is written
     notes: list[str] = []
     if source.quantization:
@@ -230,7 +236,7 @@ def convert_checkpoint(
     cfg.extra.pop("quantization_config", None)
     if on_start:
         on_start(source)
-    with atomic_output_dir(dst, force=force) as tmp:
+    with atomic_output_dir(dst, force=force, command="convert") as tmp:
         writer = ShardedWriter(tmp, [s for it in items for s in it.specs], max_shard_bytes,
                                metadata={"format": "mlx" if to == "mlx" else "pt"})
         try:

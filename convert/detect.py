@@ -1,6 +1,6 @@
 """Which kind of source a directory is: each kind recognizes its own files; the first that matches opens it.
 
-Training checkpoints (DeepSpeed ZeRO, torch.distributed.checkpoint) come before the Parrot-directory
+Training checkpoints (DeepSpeed ZeRO, torch.distributed.checkpoint, one process) come before the Parrot-directory
 catch-all. A new kind is one more entry in `KINDS`.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from parrot.backends.torch_cuda.dcp_checkpoint import is_dcp_checkpoint
 from parrot.errors import ParrotError
 
+from .run_checkpoint import is_run_checkpoint, open_run_checkpoint
 from .sources import Source, open_parrot_dir
 from .training_sources import is_deepspeed_dir, open_dcp, open_deepspeed
 
@@ -19,6 +20,7 @@ from .training_sources import is_deepspeed_dir, open_dcp, open_deepspeed
 KINDS: list[tuple[str, Callable[[Path], bool], Callable[..., Source]]] = [
     ("DeepSpeed ZeRO checkpoint (parrot train --deepspeed)", is_deepspeed_dir, open_deepspeed),
     ("torch.distributed.checkpoint directory (parrot train --fsdp)", is_dcp_checkpoint, open_dcp),
+    ("training checkpoint (parrot train, one process: the trained tensors)", is_run_checkpoint, open_run_checkpoint),
     ("parrot directory (official or MLX layout)", lambda p: True, open_parrot_dir),
 ]
 

@@ -9,7 +9,7 @@ A new kind is one more entry in `parrot.convert.detect.KINDS` (training checkpoi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class Source:
     checkpoint: Checkpoint
     tensors: list[SourceTensor]
     stored: str | None = None  # the tensors' dtype when the checkpoint has no safetensors files to tell
+    inputs: list[tuple[str, Path]] = field(default_factory=list)  # other directories read (a run's base model)
 
     @property
     def path(self) -> Path:

@@ -28,14 +28,14 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .batch import Request, generate_batch
 from .errors import ParrotError
-from .fsutil import atomic_output_file
+from .fsutil import atomic_output_file, check_output
 from .generation import GenerationResult, ImageCache, SamplingParams
 from .schema import MAX_DEPTH, too_deep
 from .tokenizer import is_text
@@ -159,9 +159,9 @@ def load_answers(path: str | Path) -> set[str]:
         if obj is None:
             changed = True
             continue
-        if not isinstance(obj, dict) or "id" not in obj:
-            raise ParrotError(f"{path}: line {n} is not an answer row written by parrot generate; "
-                              "choose another output file (or move this one away)")
+        if not isinstance(obj, dict) or "id" not in obj or not {"text", "error"} & obj.keys():
+            raise ParrotError(f"{path}: line {n} is not an answer row written by parrot generate (one has an id "
+                              "and a text or an error); choose another output file (or move this one away)")
         if "error" in obj:
             changed = True  # tried again
             continue
@@ -201,6 +201,15 @@ class _Pixels:
         return self._items[path]
 
 
+def check_answer_output(output: str | Path, input_path: str | Path, inputs: Iterable[tuple[str, Any]] = (),
+                        image_dir: str | Path | None = None) -> None:
+    """The answers file is neither the requests file (also through a link), nor inside the model, tower or
+    adapter directories, and is not the image folder (it may lie in it)."""
+    others = [(label, p) for label, p in inputs if p is not None]
+    check_output(output, [("input", input_path), *others], "--output",
+                 folders=[("image folder", image_dir)] if image_dir is not None else [])
+
+
 def answer_file(
     model,
     input_path: str | Path,
@@ -220,8 +229,7 @@ def answer_file(
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParrotError(f"batch size must be an integer >= 1 (got {batch_size!r})")
-    if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
-        raise ParrotError(f"{output_path}: the output must be another file than the input")
+    check_answer_output(output_path, input_path, [("model", getattr(model, "path", None))], image_dir)
     base = Path(image_dir) if image_dir is not None else input_path.parent
     if image_dir is not None and not base.is_dir():
         raise ParrotError(f"{base}: image directory not found")

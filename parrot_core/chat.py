@@ -16,6 +16,7 @@ conversation grows (the official semantics, kept here). What each turn costs:
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,8 +69,18 @@ class ChatSession:
             self.history.append((prompt, stream.result.text.strip()))
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal: C0 and C1 control characters and DEL (but newline and tab) become
+    their escape as visible text (ESC -> `\\x1b`), so an answer cannot drive the terminal. For display
+    only: the answers the Python API returns are unchanged."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _write_stdout(text: str) -> None:
-    sys.stdout.write(text)
+    sys.stdout.write(printable(text))
     sys.stdout.flush()
 
 
@@ -85,7 +96,8 @@ def run_repl(
     info: Callable[[str], None] = _write_stderr,
     verbose: bool = False,
 ) -> None:
-    """The interactive loop: answers stream to `write`, messages go to `info`. Ends at /exit or EOF."""
+    """The interactive loop: answers stream to `write` (by default stdout, control characters made visible),
+    messages go to `info`. Ends at /exit or EOF."""
     sampling = sampling or {}
     while True:
         try:

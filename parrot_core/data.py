@@ -26,7 +26,7 @@ from PIL import Image
 
 from .constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ROLE_HEADERS
 from .errors import ParrotError
-from .image import DECODE_ERRORS, ImageSettings, preprocess
+from .image import DECODE_ERRORS, ImageSettings, check_sizes, preprocess
 from .prompt import format_conversation, move_image_to_front
 from .schema import parse_json
 from .tokenizer import Tokenizer, is_text
@@ -37,6 +37,8 @@ MALFORMED = "empty or malformed conversations"
 NO_ANSWER = "no assistant (gpt) turn to learn from"
 IMAGE_MISSING = "image not found"
 IMAGE_UNREADABLE = "image unreadable (not an image)"
+IMAGE_TOO_LARGE = "image too large (its pixels, or after padding to a square / resizing, exceed the limit)"
+IMAGE_FAILURES = (IMAGE_MISSING, IMAGE_UNREADABLE, IMAGE_TOO_LARGE)
 IMAGE_UNUSED = "image given but the conversation has no <image>"
 PLACEHOLDER_NO_IMAGE = "<image> in the conversation but no image given"
 MANY_IMAGES = "more than one <image>"
@@ -142,16 +144,19 @@ def splice_labels(input_ids: Sequence[int], labels: Sequence[int], num_visual_to
     return out
 
 
-def _check_image(path: Path) -> str | None:
+def _check_image(path: Path, settings: ImageSettings) -> str | None:
     try:
         if not path.is_file():
             return IMAGE_MISSING
     except OSError:  # e.g. a name longer than the file system allows
         return IMAGE_MISSING
     try:
-        with Image.open(path):  # reads the header only; full decoding happens in the loader
+        with Image.open(path) as im:  # reads the header only; full decoding happens in the loader
+            check_sizes(im.size, settings, str(path))
             return None
-    except (*DECODE_ERRORS, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+    except (ParrotError, Image.DecompressionBombError):
+        return IMAGE_TOO_LARGE
+    except DECODE_ERRORS:  # UnidentifiedImageError is an OSError
         return IMAGE_UNREADABLE
 
 
@@ -171,6 +176,9 @@ class LlavaData:
     ):
         self.path = Path(path)
         self.image_dir = Path(image_dir) if image_dir is not None else self.path.parent
+        if image_dir is not None and not self.image_dir.is_dir():
+            what = "is not a directory" if self.image_dir.exists() else "not found"
+            raise ParrotError(f"--image-dir {self.image_dir}: {what} (the folder the samples' images are relative to)")
         self.tokenizer = tokenizer
         self.image_settings = image_settings
         self.num_visual_tokens = num_visual_tokens
@@ -182,6 +190,16 @@ class LlavaData:
         self._validate(progress)
         if not self.samples:
             raise ParrotError(f"no usable training sample.\n{self.report.summary()}")
+        self._check_images_load()
+
+    def _check_images_load(self) -> None:
+        """When no image sample is kept because every image failed to load, the run would silently train
+        text-only: an error naming the first failures (a wrong --image-dir, usually)."""
+        failed = [(reason, it) for reason in IMAGE_FAILURES for it in self.report.dropped.get(reason, [])]
+        if failed and not any(s.image is not None for s in self.samples):
+            first = "; ".join(f"{it['id']!r}: {reason} ({it['detail']})" for reason, it in failed[:3])
+            raise ParrotError(f"{self.path}: none of the {len(failed)} image samples has a usable image (first: "
+                              f"{first}). Check --image-dir ({self.image_dir}): image paths are relative to it.")
 
     # ---------------------------------------------------------------- validation
     def _validate(self, progress: bool) -> None:
@@ -190,7 +208,7 @@ class LlavaData:
             if isinstance(s, dict) and isinstance(s.get("image"), str):
                 paths[s["image"]] = self.image_dir / s["image"]
         with ThreadPoolExecutor(8) as ex:  # header checks are I/O bound
-            status = dict(zip(paths, ex.map(_check_image, paths.values())))
+            status = dict(zip(paths, ex.map(lambda p: _check_image(p, self.image_settings), paths.values())))
         it = enumerate(self.raw)
         if progress:
             from tqdm import tqdm

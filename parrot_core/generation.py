@@ -41,14 +41,21 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ParrotError(f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ParrotError(f"temperature must be a finite number >= 0; 0 means greedy (got {self.temperature!r})")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ParrotError(f"top_p must be in (0, 1]; 1 keeps every token (got {self.top_p!r})")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ParrotError(f"seed must be a non-negative integer (got {self.seed!r})")
+        self.check(self.max_tokens, self.temperature, self.top_p, self.seed)
+
+    @staticmethod
+    def check(max_tokens: Any, temperature: Any, top_p: Any, seed: Any, names: dict[str, str] | None = None) -> None:
+        """Raises ParrotError for a bad value, naming it as `names` says (the CLI passes its flags:
+        {"max_tokens": "--max-tokens", ...}); the Python parameter names otherwise."""
+        n = {k: k for k in ("max_tokens", "temperature", "top_p", "seed")} | (names or {})
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ParrotError(f"{n['max_tokens']} must be an integer >= 1 (got {max_tokens!r})")
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ParrotError(f"{n['temperature']} must be a finite number >= 0; 0 means greedy (got {temperature!r})")
+        if not _is_real(top_p) or not 0 < top_p <= 1:
+            raise ParrotError(f"{n['top_p']} must be in (0, 1]; 1 keeps every token (got {top_p!r})")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ParrotError(f"{n['seed']} must be a non-negative integer (got {seed!r})")
 
     @property
     def greedy(self) -> bool:

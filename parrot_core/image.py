@@ -97,10 +97,15 @@ class ImageSettings:
         return tuple(int(x * 255) for x in self.image_mean)
 
 
-def open_image(image: str | Path | Image.Image | bytes) -> Image.Image:
-    """Opens and fully decodes an image as RGB; one clear ParrotError for anything unusable."""
+def open_image(image: str | Path | Image.Image | bytes, settings: ImageSettings | None = None) -> Image.Image:
+    """Opens and fully decodes an image as RGB; one clear ParrotError for anything unusable.
+
+    With `settings`, an image whose preprocessing would allocate more than MAX_IMAGE_PIXELS pixels at any
+    step (padding a thin image to a square, a huge upscale) is refused before it is decoded."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        if settings is not None:
+            check_sizes(image.size, settings, "<image>")
+        return to_rgb(image)
     name = "<bytes>" if isinstance(image, bytes) else str(image)
     if not isinstance(image, bytes):
         p = Path(image)
@@ -114,8 +119,10 @@ def open_image(image: str | Path | Image.Image | bytes) -> Image.Image:
         try:
             src = io.BytesIO(image) if isinstance(image, bytes) else name
             with Image.open(src) as im:
+                if settings is not None:
+                    check_sizes(im.size, settings, name)
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ParrotError(
                 f"{name}: image too large (over {MAX_IMAGE_PIXELS:,} pixels); refusing it as a possible "
@@ -129,6 +136,67 @@ def open_image(image: str | Path | Image.Image | bytes) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = old
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB as the official pipeline converts (PIL's convert), except high-bit-depth grayscale, which PIL clips
+    at 255: 16-bit (I;16*, or I holding values up to 65535) is scaled to 8 bits (v * 255 / 65535, rounded), F in
+    [0, 1] is scaled by 255; values outside those ranges are mapped linearly from [min, max] to [0, 255]. I and F
+    images already within [0, 255] convert as PIL does."""
+    mode = im.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return im.convert("RGB")
+    if mode.startswith("I;16"):
+        return _gray8(_scale_16bit(np.asarray(im)))
+    a = np.asarray(im)
+    lo, hi = (a.min(), a.max()) if a.size else (0, 0)
+    if lo >= 0 and hi <= 255 and (mode == "I" or hi > 1):
+        return im.convert("RGB")
+    if mode == "I" and lo >= 0 and hi <= 65535:
+        return _gray8(_scale_16bit(a))
+    if mode == "F" and lo >= 0 and hi <= 1:
+        return _gray8(np.floor(a.astype(np.float64) * 255 + 0.5))
+    span = float(hi) - float(lo)
+    scaled = (a.astype(np.float64) - float(lo)) * (255 / span) if span > 0 else np.zeros(a.shape)
+    return _gray8(np.floor(scaled + 0.5))
+
+
+def _scale_16bit(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.int64) * 255 + 32767) // 65535  # round(v * 255 / 65535), exactly, in integers
+
+
+def _gray8(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """The shortest edge becomes `size`, the other keeps the aspect ratio (truncated, as CLIP's processor)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def check_sizes(size: tuple[int, int], settings: ImageSettings, name: str = "<image>") -> None:
+    """Refuses an image that has no pixels, or whose preprocessing would hold more than MAX_IMAGE_PIXELS pixels
+    at any step: the image, padded to a square, resized, cropped (so memory is bounded whatever its shape)."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise ParrotError(f"{name}: the image is empty ({w}x{h} pixels)")
+    steps = [("holds", (w, h))]
+    if settings.pad_to_square:
+        w = h = max(w, h)
+        steps.append(("pads to a square of", (w, h)))
+    if settings.do_resize:
+        w, h = _resized_size(w, h, settings.shortest_edge)
+        steps.append(("is resized to", (w, h)))
+    if settings.do_center_crop:
+        steps.append(("is cropped within", (max(w, settings.crop_width), max(h, settings.crop_height))))
+    for what, (sw, sh) in steps:
+        if sw * sh > MAX_IMAGE_PIXELS:
+            raise ParrotError(
+                f"{name}: the {size[0]}x{size[1]} image {what} {sw}x{sh} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel "
+                "limit (memory; a possible decompression bomb). Crop or resize it first."
+            )
+
+
 def expand_to_square(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     w, h = im.size
     if w == h:
@@ -140,11 +208,7 @@ def expand_to_square(im: Image.Image, background: tuple[int, int, int]) -> Image
 
 
 def _resize_shortest(im: Image.Image, size: int, resample: int) -> Image.Image:
-    w, h = im.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    nw, nh = (size, new_long) if w <= h else (new_long, size)
-    return im.resize((nw, nh), resample=resample, reducing_gap=None)
+    return im.resize(_resized_size(*im.size, size), resample=resample, reducing_gap=None)
 
 
 def _center_crop(a: np.ndarray, ch: int, cw: int) -> np.ndarray:
@@ -159,8 +223,9 @@ def _center_crop(a: np.ndarray, ch: int, cw: int) -> np.ndarray:
 
 
 def preprocess(image: str | Path | Image.Image | bytes, settings: ImageSettings) -> np.ndarray:
-    """float32 [1, 3, H, W] pixels, as the official pipeline computes them."""
-    im = open_image(image)
+    """float32 [1, 3, H, W] pixels, as the official pipeline computes them. Every step's size is checked
+    against MAX_IMAGE_PIXELS before it is allocated (`check_sizes`)."""
+    im = open_image(image, settings)
     if settings.pad_to_square:
         im = expand_to_square(im, settings.background)
     if settings.do_resize:

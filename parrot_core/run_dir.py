@@ -2,6 +2,7 @@
 
 ```
 OUTPUT/
+  .parrot-output.json      marks a parrot train run directory (what --resume continues)
   run_config.json          the resolved run config (flags + defaults + derived numbers)
   data_report.json         what the data check kept and dropped, and why
   metrics.jsonl            one JSON object per optimizer step
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ParrotError
-from .fsutil import atomic_output_file
+from .fsutil import OUTPUT_MARKER, atomic_output_file, is_output_of, mark_output
 from .schema import parse_json
 
 STATE_NAME = "trainer_state.json"
@@ -43,17 +44,34 @@ class RunDir:
         self.data_report = self.root / "data_report.json"
 
     def check(self, resume: bool) -> None:
-        """Refuses a non-empty output directory unless resuming."""
+        """Refuses a non-empty output directory unless resuming a run in it; `--resume` refuses a non-empty
+        directory that is not a run directory (its files are the user's, not the run's)."""
         if self.root.exists() and not self.root.is_dir():
             raise ParrotError(f"--output {self.root}: exists and is not a directory")
-        if self.root.is_dir() and any(self.root.iterdir()) and not resume:
+        if not self.root.is_dir() or not any(self.root.iterdir()):
+            return
+        if not resume:
             raise ParrotError(
                 f"--output {self.root}: already exists and is not empty. Pass --resume to continue the run in "
                 "it, or choose another --output."
             )
+        if not self.is_run_dir():
+            raise ParrotError(
+                f"--output {self.root}: --resume continues a run, but this non-empty directory is not a parrot train "
+                f"run directory (no {OUTPUT_MARKER}, run_config.json or checkpoints/ from parrot train). Choose "
+                "another --output (an empty or new directory starts a run)."
+            )
+
+    def is_run_dir(self) -> bool:
+        """A directory `parrot train` made: its marker, its run_config.json, or checkpoints/ with data_report.json
+        (a run killed before its first step)."""
+        return (is_output_of(self.root, "train") or self.run_config.is_file()
+                or (self.checkpoints.is_dir() and self.data_report.is_file()))
 
     def create(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if not is_output_of(self.root, "train"):
+            mark_output(self.root, "train")
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_steps(self) -> list[int]:

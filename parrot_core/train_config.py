@@ -41,7 +41,7 @@ class TrainConfig:
     llm: str | None = None  # or a plain Qwen2 LLM directory, plus a CLIP vision tower
     vision_tower: str | None = None
     image_dir: str | None = None  # default: the data file's directory
-    backend: str = "cpu"
+    backend: str | None = None  # None: the machine's default (parrot.registry.default_backend)
     lr: float | None = None
     batch_size: int | None = None  # per device
     grad_accum: int | None = None
@@ -83,12 +83,14 @@ class TrainConfig:
         if self.stage not in STAGE_DEFAULTS:
             raise ParrotError(f"--stage must be 1 or 2, not {self.stage}")
         d = STAGE_DEFAULTS[self.stage]
+        backend = self.backend or registry.default_backend()
         out = replace(
             self,
+            backend=backend,
             lr=d["lr"] if self.lr is None else self.lr,
             batch_size=d["batch_size"] if self.batch_size is None else self.batch_size,
             grad_accum=d["grad_accum"] if self.grad_accum is None else self.grad_accum,
-            dtype=self.dtype or registry.get(self.backend).train_dtype,
+            dtype=self.dtype or registry.get(backend).train_dtype,
         )
         if out.lora:
             out = replace(out, **resolve_lora(out.lora_rank, out.lora_scale, out.lora_alpha, out.lora_dropout,

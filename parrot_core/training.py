@@ -5,7 +5,7 @@ chosen backend's trainer, imported lazily (as `parrot.load` does)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from . import registry
 from .data import LlavaData
 from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
 from .errors import ParrotError
+from .fsutil import check_output
 from .registry import BackendSpec
 from .run_dir import RunDir, read_json, write_json
 from .schedule import StepPlan, warmup_steps
@@ -75,12 +76,20 @@ def _check_resume(tc: TrainConfig, latest: Path, world_size: int) -> None:
                           "the global batch stays the same), or start a new run in another --output.")
 
 
+def _check_output(tc: TrainConfig) -> None:
+    """--output is no input, lies inside none and contains none (it may lie inside the image folder)."""
+    inputs = [("--model", tc.model), ("--llm", tc.llm), ("--vision-tower", tc.vision_tower), ("--data", tc.data),
+              ("--deepspeed", tc.deepspeed)]
+    check_output(tc.output, inputs, "--output", folders=[("--image-dir", tc.image_dir)])
+
+
 def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     tc = tc.resolved()
     rank, world_size = launch_world()
     if world_size > 1 and tc.strategy == "single":
         raise ParrotError(f"launched with {world_size} processes but neither --deepspeed nor --fsdp: pass one of "
                           "them (e.g. --deepspeed zero3 or --fsdp), or run one process")
+    _check_output(tc)
     raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
     if rank == 0:  # the other ranks may look only after rank 0 created the directory
@@ -89,6 +98,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
     if latest is not None:
         _check_resume(tc, latest, world_size)
     src = open_source(tc)
+    check_output(tc.output, [("model", src.tokenizer_dir), ("vision tower", src.tower.directory)], "--output")
     tok = Tokenizer.from_dir(src.tokenizer_dir)
     n_visual = src.config.num_visual_tokens(src.tower.config)
     data = LlavaData(tc.data, tc.image_dir, tok, src.tower.image, n_visual, tc.max_length, tc.truncate,
@@ -126,6 +136,8 @@ def train(tc: TrainConfig, stop_after: int | None = None, progress: bool = True)
 
     stop_after: stop after that many optimizer steps in total, without exporting (like a preempted job).
     """
+    if tc.backend is None:
+        tc = replace(tc, backend=registry.default_backend())
     spec = _check_backend(tc)
     prepared = prepare_run(tc, progress)
     return spec.load("trainer")(prepared, stop_after=stop_after, progress=progress)

@@ -18,6 +18,7 @@ from conftest import (
     run_parrot,
     without_packages,
 )
+from parrot.chat import printable
 from parrot.errors import ParrotError
 
 Q1, Q2, Q3 = "What is in the picture?", "Describe the image in detail.", "这张图片里有什么？"
@@ -51,7 +52,7 @@ def test_chat_prompt_answers_once_on_stdout(backend, tiny_ckpt, images):
                       "--max-tokens", "10", "-v")
     assert proc.returncode == 0, proc.stderr
     want = parrot.load(tiny_ckpt, backend=backend).generate(Q1, images[0], max_tokens=10).text
-    assert proc.stdout == want + "\n"
+    assert proc.stdout == printable(want) + "\n"  # the API's text, control characters shown as escapes
     assert "Generation: 10 tokens" in proc.stderr and "Peak memory" in proc.stderr
 
 
@@ -66,6 +67,7 @@ def test_chat_interactive_session_through_stdin(backend, tiny_ckpt, images):
     a2 = m.generate(Q2, images[0], max_tokens=8, history=[(Q1, a1.strip())]).text
     a3 = m.generate(Q1, images[1], max_tokens=8).text  # /image starts a new conversation
     a4 = m.generate(Q3, images[1], max_tokens=8).text  # /clear forgets it
+    a1, a2, a3, a4 = map(printable, (a1, a2, a3, a4))  # as shown on the terminal
     assert proc.stdout == f">> {a1}\n>> {a2}\n>> >> {a3}\n>> >> {a4}\n>> "
     assert "(new conversation)" in proc.stderr and "Conversation cleared" in proc.stderr
 
@@ -130,8 +132,10 @@ def test_chat_invalid_model_directory(make, needle, tmp_path, images):
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["--temp", "-1"], "temperature"), (["--top-p", "0"], "top_p"), (["--max-tokens", "0"], "max_tokens")],
+    [(["--temp", "-1"], "--temp must be a finite number >= 0"), (["--top-p", "0"], "--top-p must be in (0, 1]"),
+     (["--max-tokens", "0"], "--max-tokens must be an integer >= 1"), (["--seed", "-2"], "--seed must be")],
 )
-def test_chat_bad_sampling_options(args, needle, tiny_ckpt):
+def test_chat_bad_sampling_options_name_the_flag(args, needle, tiny_ckpt):
     proc = run_parrot("chat", "--backend", "cpu", "--model", tiny_ckpt, "--prompt", "hi", *args)
     assert_clean_failure(proc, needle)
+    assert "max_tokens" not in proc.stderr and "top_p" not in proc.stderr  # no Python parameter names

@@ -134,7 +134,7 @@ def test_quantized_mlx_without_quantization_entry(src, tmp_path):
 
 def test_existing_destination_is_refused_without_force(src, tmp_path):
     dst = tmp_path / "out"
-    dst.mkdir()
+    assert run_parrot("convert", src, dst).returncode == 0  # a previous `parrot convert` output
     (dst / "keep.txt").write_text("mine")
     proc = run_parrot("convert", src, dst)
     assert_clean_failure(proc, str(dst), "already exists", "--force")
@@ -147,18 +147,29 @@ def test_existing_destination_is_refused_without_force(src, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
 
-def test_force_replaces_existing_destination(tiny_ckpt, tmp_path):
+def test_force_replaces_a_previous_convert_output(tiny_ckpt, tmp_path):
     dst = tmp_path / "out"
-    dst.mkdir()
+    assert run_parrot("convert", tiny_ckpt, dst, "--to", "hf").returncode == 0
     (dst / "stale.txt").write_text("old")
     proc = run_parrot("convert", tiny_ckpt, dst, "--force")
     assert proc.returncode == 0, proc.stderr
     assert not (dst / "stale.txt").exists() and (dst / "config.json").is_file()
 
 
+def test_force_never_replaces_what_convert_did_not_write(tiny_ckpt, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    proc = run_parrot("convert", tiny_ckpt, dst, "--force")
+    assert_clean_failure(proc, str(dst), "not the output of a previous `parrot convert`")
+    assert (dst / "notes.txt").read_text() == "mine" and sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
+
+
 def test_destination_equal_to_source_is_refused(src):
-    proc = run_parrot("convert", src, src, "--force")
-    assert_clean_failure(proc, "destination is the source")
+    for extra in ((), ("--force",)):  # the first message already says what is wrong (not "pass --force")
+        proc = run_parrot("convert", src, src, *extra)
+        assert_clean_failure(proc, "is the source")
+        assert "--force to replace" not in proc.stderr
     assert (src / "config.json").is_file()
 
 

@@ -89,7 +89,8 @@ def test_generate_command_errors_are_clean(tiny_ckpt, tmp_path):
     base = ("generate", "--backend", "cpu", "--model", tiny_ckpt)
     assert_clean_failure(run_parrot(*base, "-i", tmp_path / "nope.jsonl", "-o", out), "nope.jsonl", "not found")
     assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--batch-size", "0"), "--batch-size must be >= 1")
-    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--temp", "-1"), "temperature")
+    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--temp", "-1"), "--temp must be")
+    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--top-p", "2"), "--top-p must be")
     assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--image-dir", tmp_path / "none"),
                          "image directory not found")
     assert_clean_failure(run_parrot(*base, "-o", out), "Missing option", "--input")

@@ -205,7 +205,7 @@ def test_duplicate_ids_and_other_whole_file_problems_raise(model, tmp_path):
     assert [r.key for r in read_requests(inp)[0]] == ["1", '"1"']
     with pytest.raises(ParrotError, match="input file not found"):
         answer_file(model, tmp_path / "nope.jsonl", tmp_path / "out.jsonl", progress=False)
-    with pytest.raises(ParrotError, match="another file than the input"):
+    with pytest.raises(ParrotError, match="is the input"):
         answer_file(model, inp, inp, progress=False)
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text("hello\n")
@@ -238,3 +238,17 @@ def test_a_request_failing_inside_a_batch_fails_alone(model, tmp_path, monkeypat
     assert rows[5] == {"id": "r5", "error": "this prompt is not allowed"}
     requests = read_rows(inp)
     assert [r["text"] for r in rows[:5]] == [expected(model, inp.parent, q) for q in requests[:5]]
+
+
+def test_an_image_too_large_once_padded_gets_an_error_row(model, tmp_path):
+    """A 30000x1 PNG (a few hundred bytes) would pad to 900 M pixels: refused before any allocation."""
+    from PIL import Image
+
+    Image.new("RGB", (30000, 1), (200, 10, 10)).save(tmp_path / "thin.png")
+    random_image(30, 20, seed=1).save(tmp_path / "ok.png")
+    rows = [{"id": "thin", "prompt": "What?", "image": "thin.png", "max_tokens": 2},
+            {"id": "ok", "prompt": "What?", "image": "ok.png", "max_tokens": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answer_file(model, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False)
+    out = {r["id"]: r for r in read_rows(tmp_path / "out.jsonl")}
+    assert "pads to a square of 30000x30000" in out["thin"]["error"] and "text" in out["ok"]

@@ -86,6 +86,26 @@ def test_exported_checkpoint_converts_to_mlx_with_matching_logits(two_stages, da
     assert np.array_equal(trained.read(key), final.read(key))  # the export holds the trained weights
 
 
+def test_stage1_checkpoint_of_a_new_model_converts_without_the_untrained_moe(two_stages, tmp_path):
+    """Stage 1 from --llm saves only the projector; the MoE (random, bypassed) is in neither the checkpoint nor
+    the source: the converted model has no MoE weights, everything else equals the run's export."""
+    import parrot
+    from parrot.convert.core import convert_checkpoint
+
+    root = two_stages[0]
+    with pytest.warns(UserWarning, match="no MoE weights"):
+        convert_checkpoint(root / "s1" / "checkpoints" / "step-00000003", tmp_path / "s1", to="hf")
+    got, final = CheckpointFiles(tmp_path / "s1"), CheckpointFiles(root / "s1")
+    assert set(got.keys()) == {k for k in final.keys() if not k.startswith("model.moe_model.")}
+    for k in got.keys():
+        assert np.array_equal(got.read(k), final.read(k)), k
+    cfg = json.loads((tmp_path / "s1" / "config.json").read_text())
+    assert "moe_hidden_size" not in cfg and cfg["use_moe"] is False
+    a, b = parrot.load(tmp_path / "s1", backend="cpu"), parrot.load(root / "s1", backend="cpu")
+    ids = a.encode_prompt("What is in the picture?", has_image=False)
+    assert np.array_equal(a.logits(ids), b.logits(ids))  # stage 1 bypasses the MoE: the same function
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_ckpt, dataset):
     from parrot.train_config import TrainConfig
     from parrot.training import train
@@ -145,7 +165,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
         ([*base, "--llm", write_tiny_llm(tmp_path / "qwen"), "--vision-tower", "openai/clip-vit-large-patch14-336",
           "--output", tmp_path / "g"], ("openai/clip-vit-large-patch14-336", "download")),
         ([*base, "--model", tmp_path / "nope", "--output", tmp_path / "e"], ("nope", "not found")),
-        ([*base, "--model", tiny_ckpt, "--output", tiny_ckpt], ("already exists", "--resume")),
+        ([*base, "--model", tiny_ckpt, "--output", tiny_ckpt], ("--output", "is the --model")),
         (["train", "--backend", "cuda", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output",
           tmp_path / "f"], ("--backend cuda",)),
     ]

@@ -34,6 +34,8 @@ from ..loading import to_np
 from ..lora import lora_weights
 from ..model import ParrotForCausalLM
 
+MODEL_DIR = "model"  # a checkpoint's model description (config, tokenizer, preprocessor settings)
+
 
 def _tensors(model: ParrotForCausalLM, src: ModelSource, dtype: np.dtype,
              layout: str) -> list[tuple[TensorSpec, Callable]]:

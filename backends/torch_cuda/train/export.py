@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from parrot.fsutil import apply_umask
 from parrot.safetensors_io import INDEX_NAME
 from parrot.train_source import ModelSource, move_model_into, write_model_description
 
@@ -61,6 +62,7 @@ def export_model(
         for i, shard in enumerate(_shards(tensors(), max_shard_bytes)):
             if rank0:
                 save_file(shard, str(tmp / f"shard-{i}.tmp"), metadata={"format": "pt"})
+                apply_umask(tmp / f"shard-{i}.tmp")  # safetensors creates it 0600
                 names.append((f"shard-{i}.tmp", list(shard)))
         if not rank0:
             return

@@ -15,11 +15,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from parrot.errors import ParrotError
-from parrot.fsutil import atomic_output_file
+from parrot.fsutil import apply_umask, atomic_output_file
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    apply_umask(path)  # safetensors creates it 0600
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
