@@ -16,9 +16,10 @@ from parrot.errors import ParrotError
 from parrot.image import ImageSettings, open_image, preprocess
 
 SETTINGS = ImageSettings.clip_defaults(30)
-# Transforms of decoded giants (a 7 x 43866 GIF pads to a 43866-pixel square) are bounded by the
-# image-memory fix of issue 11 (parrot_core/image.py, another change); until it lands, such images are
-# decoded here but not transformed, so this test stays fast. The check keeps the count honest.
+# Decoded giants (a 7 x 43866 GIF pads to a 43866-pixel square) are refused by preprocess before any
+# allocation (tests/test_image_limits.py); images whose padded square stays under the limit (up to 89.5 M
+# pixels) are legitimate but take seconds to transform: to keep this test fast they are decoded here, not
+# transformed. The count says how many.
 MAX_TRANSFORMED_SIDE = 4096
 
 
