@@ -375,7 +375,7 @@ TRAIN_CONFIG = obj({  # TrainConfig (a run's settings, as run_config.json record
     "stage": one_of(1, 2),
     "data": string(), "output": string(),
     **{k: string().or_null() for k in ("model", "llm", "vision_tower", "image_dir", "deepspeed")},
-    "backend": string(),
+    "backend": string().or_null(),  # null: the machine's default (parrot.registry.default_backend)
     "lr": number(0).or_null(),
     "batch_size": SIZE.or_null(), "grad_accum": SIZE.or_null(),
     "epochs": SIZE, "max_steps": SIZE.or_null(), "max_length": SIZE,

@@ -29,6 +29,7 @@ from install_helpers import ROOT, checkout_files, copy_checkout
 
 import parrot
 from conftest import random_image, requires_mlx, requires_torch
+from parrot.chat import printable
 from parrot.ds_config import read_ds_config
 from parrot.errors import ParrotError
 
@@ -153,7 +154,8 @@ def test_installed_chat_on_torch_cpu(installed, tiny_and_photo):
     tiny, photo = tiny_and_photo
     p = _parrot(installed, "chat", "--backend", "cpu", "--model", "tiny-parrot", "photo.png", "-p", QUESTION,
                 "-m", "8")
-    assert p.stdout == parrot.load(tiny, backend="cpu").generate(QUESTION, photo, max_tokens=8).text + "\n"
+    want = parrot.load(tiny, backend="cpu").generate(QUESTION, photo, max_tokens=8)
+    assert p.stdout == printable(want.text) + "\n"  # as the terminal shows it (control characters escaped)
 
 
 @requires_mlx
@@ -164,4 +166,4 @@ def test_installed_convert_then_chat_on_mlx(installed, tiny_and_photo):
     p = _parrot(installed, "chat", "--backend", "mlx", "--model", "tiny-parrot-mlx", "photo.png", "-p", QUESTION,
                 "-m", "8")
     want = parrot.load(installed["work"] / "tiny-parrot-mlx", backend="mlx").generate(QUESTION, photo, max_tokens=8)
-    assert p.stdout == want.text + "\n"
+    assert p.stdout == printable(want.text) + "\n"

@@ -118,7 +118,8 @@ def test_run_config_on_resume_is_checked(capsys, tmp_path, tiny_ckpt):
     (ckpt / "trainer_state.json").write_text("{}")
     saved = TrainConfig(stage=2, data=str(data), output=str(out), model=str(tiny_ckpt), backend="cpu").resolved()
     (ckpt / "run_config.json").write_text(json.dumps({"config": {**saved.to_dict(), "lr": "fast"}}))
+    (out / "run_config.json").write_text((ckpt / "run_config.json").read_text())  # a run directory's own record
     line = run_cli(capsys, "train", "--backend", "cpu", "--stage", "2", "--model", tiny_ckpt, "--data", data,
                    "--output", out, "--resume")
     assert 'run_config.json: config.lr is "fast" (a string); expected a number >= 0' in line
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run_config.json"]  # nothing new
