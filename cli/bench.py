@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from parrot.config import DTYPES
+from parrot.model.config import DTYPES
 
 from .common import adapter_option, backend_option, vision_tower_option
 
@@ -28,9 +28,9 @@ def bench(model_path, backend, prompt_tokens, gen_tokens, image, no_image, num_t
           vision_tower, adapter_path):
     """Measure prompt and generation speed, time to first token (vision + prefill) and peak memory."""
     import parrot
-    from parrot.bench import format_averages, format_trial, run_benchmark
     from parrot.errors import ParrotError
-    from parrot.image import ImageSettings, open_image
+    from parrot.inference.bench import format_averages, format_trial, run_benchmark
+    from parrot.model.image import ImageSettings, open_image
     from parrot.registry import default_backend
 
     if image is not None and no_image:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from parrot.config import DTYPES
+from parrot.model.config import DTYPES
 
 from .common import (
     DEFAULT_MODEL,
@@ -59,9 +59,11 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
     conversation, /exit or Ctrl-D quits.
     """
     import parrot
-    from parrot.chat import HELP, ChatSession, printable, run_repl
-    from parrot.image import ImageSettings, open_image
+    from parrot.inference.chat import ChatSession
+    from parrot.model.image import ImageSettings, open_image
     from parrot.registry import default_backend
+
+    from .repl import HELP, printable, run_repl
 
     _lenient_streams()
     sampling = sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads

@@ -39,7 +39,7 @@ def system_option() -> Callable:
 
 def sampling_settings(max_tokens: int, temp: float, top_p: float, seed: int | None) -> dict:
     """The sampling flags as SamplingParams' arguments, checked (a bad value names its flag)."""
-    from parrot.generation import SamplingParams
+    from parrot.inference.generation import SamplingParams
 
     SamplingParams.check(max_tokens, temp, top_p, seed, names=SAMPLING_FLAGS)
     return dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)

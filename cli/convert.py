@@ -7,8 +7,8 @@ import warnings
 
 import click
 
-from parrot.config import DTYPES
 from parrot.errors import ParrotError
+from parrot.model.config import DTYPES
 
 
 def _size(n: float) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from parrot import registry
-from parrot.config import DTYPES
 from parrot.errors import ParrotError
+from parrot.model.config import DTYPES
 
 from .common import adapter_option, backend_option, vision_tower_option
 

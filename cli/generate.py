@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from parrot.config import DTYPES
+from parrot.model.config import DTYPES
 
 from .common import (
     DEFAULT_MODEL,
@@ -50,8 +50,8 @@ def generate(model_path, backend, input_path, output_path, image_dir, batch_size
     Rerunning skips the ids already answered and retries the rows that failed.
     """
     import parrot
-    from parrot.answers import answer_file, check_answer_output, load_answers, read_requests
     from parrot.errors import ParrotError
+    from parrot.inference.answers import answer_file, check_answer_output, load_answers, read_requests
     from parrot.registry import default_backend
 
     # the output is no input (nor inside the model, tower or adapter): checked before anything is read or written

@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from parrot.config import DTYPES
+from parrot.model.config import DTYPES
 from parrot.registry import NAMES as BACKENDS
-from parrot.train_config import TrainConfig
+from parrot.training.config import TrainConfig
 
 
 @click.command("train")
@@ -83,8 +83,8 @@ def train(stage: str, lora_targets: str | None, **flags) -> None:
       deepspeed --num_gpus 8 --module parrot.cli.main train --stage 1 --deepspeed zero2 ...
       parrot train --backend mlx --stage 2 --model parrot-4bit --lora --data mine.json --output adapters/
     """
-    from parrot.adapter import parse_targets
     from parrot.training import train as run_training
+    from parrot.training.adapter import parse_targets
 
     targets = parse_targets(lora_targets) if lora_targets is not None else None
     run_training(TrainConfig(stage=int(stage), lora_targets=targets, **flags))

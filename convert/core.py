@@ -1,7 +1,7 @@
 """`parrot convert` as a library function: a Parrot directory (or hub id) in, a self-contained
 official-layout ("hf") or MLX-layout directory out, optionally quantized.
 
-Streaming: tensors are read, translated (parrot.layout), cast, quantized and written one at a time
+Streaming: tensors are read, translated (parrot.model.layout), cast, quantized and written one at a time
 into a planned sharded writer, so memory holds about one tensor. Output goes to a temporary
 directory renamed into place at the end; any error leaves no destination behind. Every tensor the
 source holds is carried (CLIP's unused last layer too), so official -> MLX -> official is bit-exact.
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from parrot.adapter import fit_base, read_adapter
-from parrot.config import DTYPES, KNOWN_VISION_TOWERS
 from parrot.errors import ParrotError
-from parrot.fsutil import atomic_output_dir, check_output, check_replaceable
-from parrot.hub import download, is_hub_id, resolve_model_path
-from parrot.layout import official_to_mlx_array, official_to_mlx_key, official_to_mlx_shape
-from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
-from parrot.tokenizer import CHATML_TEMPLATE, Tokenizer, copy_tokenizer_files
-from parrot.tower import find_tower_dir
+from parrot.model.config import DTYPES, KNOWN_VISION_TOWERS
+from parrot.model.layout import official_to_mlx_array, official_to_mlx_key, official_to_mlx_shape
+from parrot.model.tokenizer import CHATML_TEMPLATE, Tokenizer, copy_tokenizer_files
+from parrot.model.tower import find_tower_dir
+from parrot.storage.fsutil import atomic_output_dir, check_output, check_replaceable
+from parrot.storage.hub import download, is_hub_id, resolve_model_path
+from parrot.storage.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
+from parrot.training.adapter import fit_base, read_adapter
 
 from .detect import open_source
 from .quantize import QUANTIZE_EXPERTS_DEFAULT, QuantSpec, module_pattern, quantization_record, quantize
@@ -190,7 +190,7 @@ def convert_checkpoint(
     float32); a quantized SRC is dequantized first (the output is float unless quantize_bits is set).
     dst must not be, contain or lie inside any input (SRC, the tower, --config, the adapter, a training
     run's base model); an existing dst is replaced only with `force` and only when it is a previous
-    `parrot convert` output (its `.parrot-output.json` marker, see parrot.fsutil).
+    `parrot convert` output (its `.parrot-output.json` marker, see parrot.storage.fsutil).
     """
     t0 = time.perf_counter()
     if to not in TARGETS:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from parrot.errors import ParrotError
-from parrot.layout import official_to_mlx_key
+from parrot.model.layout import official_to_mlx_key
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from parrot.checkpoint import Checkpoint
-from parrot.config import ParrotConfig
 from parrot.errors import ParrotError
-from parrot.layout import mlx_to_official_array, mlx_to_official_key, mlx_to_official_shape, tower_to_official_key
-from parrot.manifest import build_manifest, validate
-from parrot.run_dir import MODEL_DIR, STATE_NAME, read_json
-from parrot.safetensors_io import NAME_TO_NP, CheckpointFiles, SafetensorsFile
-from parrot.tower import resolve_vision_tower
-from parrot.train_config import TrainConfig
-from parrot.train_source import ModelSource, open_source
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import ParrotConfig
+from parrot.model.layout import mlx_to_official_array, mlx_to_official_key, mlx_to_official_shape, tower_to_official_key
+from parrot.model.manifest import build_manifest, validate
+from parrot.model.tower import resolve_vision_tower
+from parrot.storage.safetensors_io import NAME_TO_NP, CheckpointFiles, SafetensorsFile
+from parrot.training.config import TrainConfig
+from parrot.training.run_dir import MODEL_DIR, STATE_NAME, read_json
+from parrot.training.source import ModelSource, open_source
 
 from .sources import Source, SourceTensor, _parrot_dir_tensors
 

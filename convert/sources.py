@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from parrot.checkpoint import Checkpoint
 from parrot.errors import ParrotError
-from parrot.layout import (
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.layout import (
     MLX_VISION,
     OFFICIAL_VISION,
     QUANT_SUFFIXES,
@@ -25,7 +25,7 @@ from parrot.layout import (
     mlx_to_official_shape,
     tower_to_official_key,
 )
-from parrot.safetensors_io import CheckpointFiles
+from parrot.storage.safetensors_io import CheckpointFiles
 
 from .quantize import dequantize
 

@@ -15,14 +15,14 @@ import numpy as np
 
 from parrot.backends.torch_cuda.dcp_checkpoint import DcpCheckpoint
 from parrot.backends.torch_cuda.zero_checkpoint import ZeroCheckpoint, find_tag_dir
-from parrot.checkpoint import Checkpoint
-from parrot.config import ParrotConfig
 from parrot.errors import ParrotError
-from parrot.layout import tower_to_official_key
-from parrot.manifest import build_manifest, validate
-from parrot.run_dir import MODEL_DIR
-from parrot.safetensors_io import CheckpointFiles
-from parrot.tower import resolve_vision_tower
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import ParrotConfig
+from parrot.model.layout import tower_to_official_key
+from parrot.model.manifest import build_manifest, validate
+from parrot.model.tower import resolve_vision_tower
+from parrot.storage.safetensors_io import CheckpointFiles
+from parrot.training.run_dir import MODEL_DIR
 
 from .sources import Source, SourceTensor
 

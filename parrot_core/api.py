@@ -9,20 +9,27 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .adapter import Adapter, fit_base, read_adapter
-from .batch import Request, generate_many
-from .chat import ChatSession
-from .checkpoint import Checkpoint
-from .config import DTYPES
 from .constants import IMAGE_TOKEN_INDEX
 from .contract import ModelBackend
 from .errors import ParrotError
-from .generation import GenerationResult, ImageCache, SamplingParams, TextStream, generate_stream, stop_token_ids
-from .hub import resolve_model_path
-from .image import preprocess
-from .prompt import build_inference_ids
-from .splice import plan_prompts
-from .tokenizer import Tokenizer
+from .inference.batch import Request, generate_many
+from .inference.chat import ChatSession
+from .inference.generation import (
+    GenerationResult,
+    ImageCache,
+    SamplingParams,
+    TextStream,
+    generate_stream,
+    stop_token_ids,
+)
+from .model.checkpoint import Checkpoint
+from .model.config import DTYPES
+from .model.image import preprocess
+from .model.prompt import build_inference_ids
+from .model.splice import plan_prompts
+from .model.tokenizer import Tokenizer
+from .storage.hub import resolve_model_path
+from .training.adapter import Adapter, fit_base, read_adapter
 
 BACKENDS = registry.NAMES
 
@@ -93,7 +100,7 @@ class ParrotModel(ModelBackend):
         return self.to_numpy(self.forward_embeddings(self.embed_prompt(input_ids, feats)))[0]
 
     def plan_prompt(self, input_ids: list[int], has_image: bool):
-        """The splice plan of one prompt (parrot.splice), for `embed_prompt`."""
+        """The splice plan of one prompt (parrot.model.splice), for `embed_prompt`."""
         return plan_prompts([input_ids], self.num_visual_tokens if has_image else 0)
 
     # ------------------------------------------------------------------ generation
@@ -127,7 +134,7 @@ class ParrotModel(ModelBackend):
         batch_size: int = 8,
     ) -> list[GenerationResult]:
         """Answers of several prompts (`images[i]` goes with `prompts[i]`; None: text only), decoded
-        `batch_size` at a time (batched prefill and decode). Per-request settings: `parrot.batch`."""
+        `batch_size` at a time (batched prefill and decode). Per-request settings: `parrot.inference.batch`."""
         images = [None] * len(prompts) if images is None else list(images)
         if len(images) != len(prompts):
             raise ParrotError(f"got {len(prompts)} prompts but {len(images)} images")

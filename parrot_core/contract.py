@@ -42,7 +42,7 @@ class ModelBackend(ABC):
     def embed_prompt(self, input_ids: Sequence[int], image_features: Array | None = None,
                      experts: Array | None = None) -> Array:
         """[1, T', C] prompt embeddings: the placeholder replaced by the visual tokens MoE(H_v), whose
-        text context is every text token of the prompt (`parrot.splice` plans where they go).
+        text context is every text token of the prompt (`parrot.model.splice` plans where they go).
         image_features [1, N, C]; experts: their cached `expert_outputs`."""
 
     # ---------------------------------------------------------------- the LLM
@@ -73,7 +73,7 @@ class ModelBackend(ABC):
     @abstractmethod
     def generate_tokens(self, embeds: Array, cache: Cache, params: Any) -> Iterator[int]:
         """Prefills embeds [1, T, C] after what `cache` holds, then yields up to `params.max_tokens`
-        token ids (parrot.generation.SamplingParams: greedy, or seeded temperature + top-p). Each
+        token ids (parrot.inference.generation.SamplingParams: greedy, or seeded temperature + top-p). Each
         token is fed into the cache before it is yielded."""
 
     @abstractmethod

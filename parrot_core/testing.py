@@ -16,11 +16,11 @@ from tokenizers import AddedToken, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
-from .config import ParrotConfig, VisionConfig
-from .image import ImageSettings
-from .manifest import build_manifest
-from .safetensors_io import NAME_TO_NP, save_tensors
-from .tokenizer import CHATML_TEMPLATE, qwen2_backend
+from .model.config import ParrotConfig, VisionConfig
+from .model.image import ImageSettings
+from .model.manifest import build_manifest
+from .model.tokenizer import CHATML_TEMPLATE, qwen2_backend
+from .storage.safetensors_io import NAME_TO_NP, save_tensors
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

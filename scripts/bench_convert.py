@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from parrot.config import KNOWN_VISION_TOWERS, ParrotConfig
-from parrot.manifest import build_manifest
-from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
+from parrot.model.config import KNOWN_VISION_TOWERS, ParrotConfig
+from parrot.model.manifest import build_manifest
+from parrot.storage.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
 from parrot.testing import write_tokenizer
 
 TOWER = "openai/clip-vit-large-patch14-336"

@@ -6,7 +6,7 @@ qwen2 config.json with the same rope_theta and tie setting, safetensors, tokeniz
 process, alternating which goes first, it times for the same prompt ids (random, no special
 tokens) and the same number of new tokens (the stop token ignored, as mlx-lm's benchmark):
 
-  ours    parrot.generation.generate_stream (the path of model.generate / parrot chat: the
+  ours    parrot.inference.generation.generate_stream (the path of model.generate / parrot chat: the
           streaming detokenizer included) on the MLX backend
   mlx-lm  mlx_lm.stream_generate (what mlx_lm.generate runs)
 
@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 import parrot
-from parrot.bench import synthetic_image, synthetic_prompt
-from parrot.config import ParrotConfig, VisionConfig
-from parrot.generation import SamplingParams, generate_stream
-from parrot.safetensors_io import CheckpointFiles, save_tensors
+from parrot.inference.bench import synthetic_image, synthetic_prompt
+from parrot.inference.generation import SamplingParams, generate_stream
+from parrot.model.config import ParrotConfig, VisionConfig
+from parrot.model.tokenizer import copy_tokenizer_files
+from parrot.storage.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import TinySpec, write_tiny_checkpoint
-from parrot.tokenizer import copy_tokenizer_files
 
 LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
 

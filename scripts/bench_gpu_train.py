@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from parrot.config import VisionConfig
+from parrot.model.config import VisionConfig
 from parrot.testing import TinySpec, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def prepare(root: Path, small: bool, n: int = 64) -> None:
 
 
 def model_flops_per_step(model_dir: Path, rows: list[dict], batch: int) -> tuple[float, dict]:
-    from parrot.checkpoint import Checkpoint
+    from parrot.model.checkpoint import Checkpoint
 
     ck = Checkpoint.open(model_dir)
     cfg, v = ck.config, ck.tower.config
@@ -102,8 +102,8 @@ def peak_tflops(name: str) -> float | None:
 def run(root: Path, strategy: str, steps: int, batch: int, device: str, peak: float | None) -> dict:
     import torch
 
-    from parrot.train_config import TrainConfig
     from parrot.training import train
+    from parrot.training.config import TrainConfig
 
     out = root / f"run-{strategy}"
     extra = {"fsdp": {"fsdp": True}, "zero3": {"deepspeed": str(REPO / "configs" / "zero3.json")},

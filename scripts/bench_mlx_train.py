@@ -38,15 +38,15 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from PIL import Image
 
-from parrot.config import ParrotConfig, VisionConfig
 from parrot.convert import convert_checkpoint
-from parrot.data import LlavaData
-from parrot.schedule import StepPlan
+from parrot.model.config import ParrotConfig, VisionConfig
+from parrot.model.tokenizer import Tokenizer
+from parrot.model.tower import resolve_vision_tower
 from parrot.testing import TinySpec, write_tiny_checkpoint
-from parrot.tokenizer import Tokenizer
-from parrot.tower import resolve_vision_tower
-from parrot.train_config import TrainConfig
 from parrot.training import train
+from parrot.training.config import TrainConfig
+from parrot.training.data import LlavaData
+from parrot.training.schedule import StepPlan
 
 QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que há na imagem?", "Resimde ne var?"]
 ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "

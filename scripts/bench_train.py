@@ -28,14 +28,14 @@ import torch
 from PIL import Image
 from transformers import Qwen2ForCausalLM
 
-from parrot.checkpoint import Checkpoint
-from parrot.config import VisionConfig
-from parrot.data import LlavaData
-from parrot.schedule import StepPlan
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import VisionConfig
+from parrot.model.tokenizer import Tokenizer
 from parrot.testing import TinySpec, write_tiny_checkpoint
-from parrot.tokenizer import Tokenizer
-from parrot.train_config import TrainConfig
 from parrot.training import train
+from parrot.training.config import TrainConfig
+from parrot.training.data import LlavaData
+from parrot.training.schedule import StepPlan
 
 QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que há na imagem?", "Resimde ne var?"]
 ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "
@@ -62,8 +62,8 @@ def write_data(root: Path, n: int, seed: int = 0) -> Path:
 def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:
     """A transformers Qwen2ForCausalLM trained on random tokens shaped like our micro-batches."""
     from parrot.backends.torch_cuda.model import qwen2_config
-    from parrot.config import ParrotConfig
-    from parrot.tower import resolve_vision_tower
+    from parrot.model.config import ParrotConfig
+    from parrot.model.tower import resolve_vision_tower
 
     cfg = ParrotConfig.from_file(model_dir)
     tower = resolve_vision_tower(cfg, model_dir)

@@ -22,8 +22,8 @@ os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from parrot.config import VisionConfig  # noqa: E402
 from parrot.convert import convert_checkpoint  # noqa: E402
+from parrot.model.config import VisionConfig  # noqa: E402
 from parrot.testing import TinySpec, write_tiny_checkpoint  # noqa: E402
 
 PROMPTS = ["What is in the picture?", "请用中文描述这张图片。", "Answer with the option's letter: A. cat B. dog"]

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from train_helpers import ANSWERS, QUESTIONS
 
-from parrot.schedule import StepPlan
+from parrot.training.schedule import StepPlan
 
 SEED, BATCH, WORLD = 42, 2, 2
 NUM_SAMPLES, MAX_STEPS, SAVE_EVERY = 9, 6, 2  # 9 samples / global batch 4: every 3rd step is partial

@@ -9,10 +9,10 @@ import pytest
 
 import parrot
 from conftest import BACKENDS, random_image, requires_torch
-from parrot.batch import Request, generate_batch
 from parrot.errors import ParrotError
-from parrot.generation import SamplingParams
-from parrot.safetensors_io import CheckpointFiles, save_tensors
+from parrot.inference.batch import Request, generate_batch
+from parrot.inference.generation import SamplingParams
+from parrot.storage.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import write_tiny_checkpoint
 
 # (prompt, image index or None, max_tokens): different lengths, with and without images, mixed

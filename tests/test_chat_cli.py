@@ -18,7 +18,7 @@ from conftest import (
     run_parrot,
     without_packages,
 )
-from parrot.chat import printable
+from parrot.cli.repl import printable
 from parrot.errors import ParrotError
 
 Q1, Q2, Q3 = "What is in the picture?", "Describe the image in detail.", "这张图片里有什么？"

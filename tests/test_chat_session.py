@@ -7,7 +7,7 @@ import pytest
 
 import parrot
 from conftest import BACKENDS, random_image
-from parrot.chat import run_repl
+from parrot.cli.repl import run_repl
 from parrot.constants import IMAGE_TOKEN_INDEX
 
 Q1, Q2, Q3 = "What is in the picture?", "Describe the image in detail.", "这张图片里有什么？"

@@ -10,10 +10,10 @@ import pytest
 
 import parrot
 from conftest import random_image, requires_mlx, requires_torch
-from parrot.checkpoint import Checkpoint
-from parrot.config import ParrotConfig
 from parrot.errors import ParrotError
-from parrot.safetensors_io import CheckpointFiles, save_tensors
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import ParrotConfig
+from parrot.storage.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import write_tiny_checkpoint
 
 
@@ -98,7 +98,7 @@ def test_vision_tower_resolution(tmp_path, ref):
     d = write_tiny_checkpoint(tmp_path / "c", tower_ref=ref)
     if ref == "builtin":  # the hub id resolves from the built-in table: the released ViT-L/14-336
         cfg = ParrotConfig.from_file(d)
-        from parrot.tower import resolve_vision_tower
+        from parrot.model.tower import resolve_vision_tower
 
         t = resolve_vision_tower(cfg, d)
         assert (t.config.hidden_size, t.config.num_hidden_layers, t.config.image_size, t.config.patch_size) == (

@@ -16,7 +16,7 @@ import parrot
 from conftest import requires_torch
 from parrot.cli.main import COMMANDS, cli
 from parrot.errors import ParrotError
-from parrot.safetensors_io import CheckpointFiles
+from parrot.storage.safetensors_io import CheckpointFiles
 
 CLI_DIR = Path(__file__).parents[1] / "cli"
 
@@ -67,9 +67,9 @@ def test_commands_import_no_helper_from_a_sibling_command():
 
 def write_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     """A LoRA adapter on q_proj and v_proj of every layer, with random (non-zero) A and B."""
-    from parrot.adapter import adapter_config, save_adapter, target_modules
-    from parrot.config import ParrotConfig
-    from parrot.layout import mlx_to_official_key
+    from parrot.model.config import ParrotConfig
+    from parrot.model.layout import mlx_to_official_key
+    from parrot.training.adapter import adapter_config, save_adapter, target_modules
 
     cfg = ParrotConfig.from_file(base / "config.json")
     files, rng, rank = CheckpointFiles(base), np.random.default_rng(seed), 4
@@ -107,8 +107,8 @@ def test_generate_and_bench_apply_the_adapter(tiny_ckpt, tmp_path):
 
 
 def test_chat_shows_control_characters_as_visible_escapes(monkeypatch):
-    from parrot.chat import ChatSession
-    from parrot.generation import GenerationResult, TextStream
+    from parrot.inference.chat import ChatSession
+    from parrot.inference.generation import GenerationResult, TextStream
 
     answer = ["ok\x1b[31m", "red\x07\r\n", "\x9b2J\tend\x00"]
     monkeypatch.setattr(parrot, "load", lambda *a, **k: object())

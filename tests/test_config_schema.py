@@ -1,4 +1,4 @@
-"""Config files checked by schema (parrot_core/schema.py): every field read from config.json, a CLIP
+"""Config files checked by schema (parrot_core/model/schema.py): every field read from config.json, a CLIP
 tower's config.json, preprocessor_config.json, run_config.json and adapter_config.json has a rule, and a
 wrong value gives one ParrotError naming the file, the field, the value and what is expected."""
 
@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parrot.adapter import read_adapter
-from parrot.checkpoint import Checkpoint
-from parrot.config import ParrotConfig, VisionConfig
-from parrot.data import read_llava_json
 from parrot.errors import ParrotError
-from parrot.image import ImageSettings
-from parrot.safetensors_io import INDEX_NAME, CheckpointFiles, save_file
-from parrot.schema import ADAPTER_CONFIG, PARROT_CONFIG, TRAIN_CONFIG, VISION_CONFIG
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import ParrotConfig, VisionConfig
+from parrot.model.image import ImageSettings
+from parrot.model.schema import ADAPTER_CONFIG, PARROT_CONFIG, TRAIN_CONFIG, VISION_CONFIG
+from parrot.storage.safetensors_io import INDEX_NAME, CheckpointFiles, save_file
 from parrot.testing import write_tiny_clip, write_tiny_llm
-from parrot.train_config import TrainConfig
-from parrot.train_source import open_source
+from parrot.training.adapter import read_adapter
+from parrot.training.config import TrainConfig
+from parrot.training.data import read_llava_json
+from parrot.training.source import open_source
 
 # AIDC-AI/Parrot-7B's config.json as released (transformers 4.39, Qwen1.5-7B-Chat base)
 OFFICIAL_7B = {

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import random_image, requires_mlx, requires_torch, run_parrot
-from parrot.config import VisionConfig
 from parrot.convert import convert_checkpoint
-from parrot.safetensors_io import INDEX_NAME, CheckpointFiles
+from parrot.model.config import VisionConfig
+from parrot.storage.safetensors_io import INDEX_NAME, CheckpointFiles
 from parrot.testing import TinySpec, write_tiny_checkpoint
 
 PATCH = "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"
@@ -112,7 +112,7 @@ def test_float16_overflow_is_reported(tmp_path):
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1e6
     for p in src.glob("*.safetensors"):
         p.unlink()
-    from parrot.safetensors_io import save_tensors
+    from parrot.storage.safetensors_io import save_tensors
 
     save_tensors(tensors, src)
     with pytest.warns(UserWarning, match="model.norm.weight: values overflow float16"):

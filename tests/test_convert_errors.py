@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_clean_failure, run_parrot
 from parrot.convert import convert_checkpoint
 from parrot.errors import ParrotError
-from parrot.safetensors_io import CheckpointFiles, save_tensors
+from parrot.storage.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import TinySpec, write_tiny_checkpoint
 
 
@@ -214,7 +214,7 @@ def test_failure_midway_leaves_no_destination(tiny_ckpt, tmp_path, monkeypatch):
 def test_disk_full_is_reported_and_leaves_no_destination(tiny_ckpt, tmp_path, monkeypatch):
     import errno
 
-    from parrot.safetensors_io import ShardedWriter
+    from parrot.storage.safetensors_io import ShardedWriter
 
     real = ShardedWriter.write
     calls = []

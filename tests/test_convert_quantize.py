@@ -20,7 +20,7 @@ import pytest
 from conftest import random_image, requires_mlx, requires_torch, run_parrot
 from parrot.convert import convert_checkpoint
 from parrot.errors import ParrotError
-from parrot.safetensors_io import CheckpointFiles
+from parrot.storage.safetensors_io import CheckpointFiles
 from parrot.testing import TinySpec, write_tiny_checkpoint
 
 pytestmark = requires_mlx
@@ -214,7 +214,7 @@ def test_mlx_lm_per_module_quantization_entries_are_honoured(models, tmp_path):
     import mlx.core as mx
 
     import parrot
-    from parrot.safetensors_io import save_tensors
+    from parrot.storage.safetensors_io import save_tensors
 
     mixed = tmp_path / "mixed"
     shutil.copytree(models / "q4", mixed)

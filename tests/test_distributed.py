@@ -27,7 +27,7 @@ from dist_helpers import (
 from train_helpers import read_losses
 
 from conftest import requires_mlx, requires_torch, run_parrot
-from parrot.safetensors_io import CheckpointFiles
+from parrot.storage.safetensors_io import CheckpointFiles
 
 pytestmark = requires_torch
 requires_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

@@ -9,7 +9,7 @@ from train_helpers import write_dataset
 
 from conftest import assert_clean_failure, requires_torch, run_parrot
 from parrot.backends.torch_cuda.train.data import rank_micro_batches
-from parrot.schedule import StepPlan
+from parrot.training.schedule import StepPlan
 
 pytestmark = requires_torch
 ZERO2 = Path(__file__).resolve().parent.parent / "configs" / "zero2.json"

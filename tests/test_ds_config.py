@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from parrot.ds_config import read_ds_config, resolve_ds_config
 from parrot.errors import ParrotError
+from parrot.training.ds_config import read_ds_config, resolve_ds_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

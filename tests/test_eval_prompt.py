@@ -8,7 +8,7 @@ import math
 import pytest
 
 from parrot.eval.prompt import build_prompt, build_query, clean_answer, query_ids
-from parrot.tokenizer import Tokenizer
+from parrot.model.tokenizer import Tokenizer
 
 ROW = {"index": 0, "question": "What is it?", "A": "a cat", "B": "a dog", "C": math.nan, "D": math.nan,
        "hint": math.nan, "answer": "A"}

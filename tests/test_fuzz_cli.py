@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import requires_torch
 from parrot.cli.main import main
-from parrot.schema import PARROT_CONFIG
+from parrot.model.schema import PARROT_CONFIG
 
 _run = itertools.count()
 

@@ -14,14 +14,14 @@ from fuzz import FUZZ, cases, dumps, json_input, mutate_json, only_parrot_errors
 from hypothesis import given
 from PIL import Image
 
-from parrot.adapter import read_adapter
-from parrot.checkpoint import Checkpoint
-from parrot.config import ParrotConfig
-from parrot.image import ImageSettings, preprocess
-from parrot.safetensors_io import save_file
-from parrot.schema import PARROT_CONFIG, PREPROCESSOR, TRAIN_CONFIG, VISION_CONFIG
-from parrot.train_config import TrainConfig
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import ParrotConfig
+from parrot.model.image import ImageSettings, preprocess
+from parrot.model.schema import PARROT_CONFIG, PREPROCESSOR, TRAIN_CONFIG, VISION_CONFIG
+from parrot.storage.safetensors_io import save_file
 from parrot.training import _check_resume
+from parrot.training.adapter import read_adapter
+from parrot.training.config import TrainConfig
 
 TOWER = "clip-vit-tiny"
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (9, 13, 3), dtype=np.uint8))

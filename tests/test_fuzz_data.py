@@ -12,10 +12,10 @@ from fuzz import FUZZ, cases, dumps, jsonl_lines, mutate_bytes, mutate_json, onl
 from hypothesis import given
 from train_helpers import mixed_samples, write_images
 
-from parrot.answers import load_answers, read_requests
-from parrot.data import LlavaData
-from parrot.image import ImageSettings
-from parrot.tokenizer import Tokenizer
+from parrot.inference.answers import load_answers, read_requests
+from parrot.model.image import ImageSettings
+from parrot.model.tokenizer import Tokenizer
+from parrot.training.data import LlavaData
 
 SIZE = 30  # the tiny tower's image size
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from PIL import Image
 
 from parrot.errors import ParrotError
-from parrot.image import ImageSettings, open_image, preprocess
+from parrot.model.image import ImageSettings, open_image, preprocess
 
 SETTINGS = ImageSettings.clip_defaults(30)
 # Decoded giants (a 7 x 43866 GIF pads to a 43866-pixel square) are refused by preprocess before any

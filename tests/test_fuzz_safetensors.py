@@ -17,7 +17,7 @@ from fuzz import FUZZ, cases, dumps, mutate_bytes, mutate_json, only_parrot_erro
 from hypothesis import given
 
 from parrot.errors import ParrotError
-from parrot.safetensors_io import INDEX_NAME, CheckpointFiles, SafetensorsFile, save_file, save_tensors
+from parrot.storage.safetensors_io import INDEX_NAME, CheckpointFiles, SafetensorsFile, save_file, save_tensors
 
 TENSORS = {
     "model.a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),

@@ -146,7 +146,7 @@ def test_bench_command_errors_are_clean(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_benchmark_generates_exactly_the_asked_tokens_and_redoes_vision(backend, tiny_ckpt):
-    from parrot.bench import run_benchmark
+    from parrot.inference.bench import run_benchmark
 
     model = parrot.load(tiny_ckpt, backend=backend)
     trials = run_benchmark(model, prompt_tokens=12, gen_tokens=40, num_trials=2, warmup=False)

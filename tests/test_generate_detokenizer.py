@@ -9,9 +9,9 @@ import pytest
 from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
-from parrot.detokenizer import StreamingDetokenizer, bytes_to_unicode
+from parrot.inference.detokenizer import StreamingDetokenizer, bytes_to_unicode
+from parrot.model.tokenizer import Tokenizer
 from parrot.testing import write_tokenizer
-from parrot.tokenizer import Tokenizer
 
 MULTILINGUAL = {
     "zh": "这张图片里有什么？图片里有一只猫坐在窗台上。",

@@ -10,8 +10,8 @@ import pytest
 
 import parrot
 from conftest import random_image, requires_torch
-from parrot.answers import answer_file, load_answers, read_requests
 from parrot.errors import ParrotError
+from parrot.inference.answers import answer_file, load_answers, read_requests
 
 pytestmark = requires_torch
 
@@ -220,7 +220,7 @@ def test_duplicate_ids_and_other_whole_file_problems_raise(model, tmp_path):
 
 def test_a_request_failing_inside_a_batch_fails_alone(model, tmp_path, monkeypatch):
     """A ParrotError raised while a batch runs: its requests are retried one by one, only the bad one fails."""
-    import parrot.answers as answers
+    import parrot.inference.answers as answers
 
     real = answers.generate_batch
 

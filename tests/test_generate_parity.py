@@ -10,7 +10,7 @@ import pytest
 
 import parrot
 from conftest import BACKENDS, HAS_MLX, random_image, requires_mlx, requires_torch
-from parrot.safetensors_io import CheckpointFiles, save_tensors
+from parrot.storage.safetensors_io import CheckpointFiles, save_tensors
 from parrot.testing import write_tiny_checkpoint
 
 PROMPTS = [

@@ -8,7 +8,7 @@ import pytest
 import parrot
 from conftest import BACKENDS
 from parrot.errors import ParrotError
-from parrot.generation import SamplingParams
+from parrot.inference.generation import SamplingParams
 
 
 def reference_nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import assert_clean_failure, requires_torch, run_parrot
 from parrot.errors import ParrotError
-from parrot.image import ImageSettings, open_image, preprocess
+from parrot.model.image import ImageSettings, open_image, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_thin_png_is_refused_quickly_with_bounded_memory(thin_png):
         import resource, time
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
         from parrot.errors import ParrotError
-        from parrot.image import ImageSettings, preprocess
+        from parrot.model.image import ImageSettings, preprocess
         t = time.perf_counter()
         try:
             preprocess({str(thin_png)!r}, ImageSettings())
@@ -101,8 +101,8 @@ def test_32bit_and_float_grayscale_are_scaled():
 def test_training_data_drops_an_image_too_large_once_padded(thin_png, tiny_ckpt, tmp_path):
     import json
 
-    from parrot.data import IMAGE_TOO_LARGE, LlavaData
-    from parrot.tokenizer import Tokenizer
+    from parrot.model.tokenizer import Tokenizer
+    from parrot.training.data import IMAGE_TOO_LARGE, LlavaData
 
     Image.new("RGB", (20, 30), (1, 2, 3)).save(tmp_path / "ok.png")
     convs = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A line."}]

@@ -29,9 +29,9 @@ from install_helpers import ROOT, checkout_files, copy_checkout
 
 import parrot
 from conftest import random_image, requires_mlx, requires_torch
-from parrot.chat import printable
-from parrot.ds_config import read_ds_config
+from parrot.cli.repl import printable
 from parrot.errors import ParrotError
+from parrot.training.ds_config import read_ds_config
 
 # source folder -> its package in the wheel (pyproject's [tool.setuptools.package-dir])
 PACKAGE_DIRS = {"parrot_core": "parrot", "backends": "parrot/backends", "convert": "parrot/convert",
@@ -122,7 +122,7 @@ def test_installed_parrot_help_and_version(installed):
 
 
 def test_installed_builtin_deepspeed_configs_match_the_repository(installed):
-    out = _python(installed, "import json; from parrot.ds_config import read_ds_config; "
+    out = _python(installed, "import json; from parrot.training.ds_config import read_ds_config; "
                   "print(json.dumps([read_ds_config('zero2'), read_ds_config('zero3')]))")
     z2, z3 = json.loads(out)
     assert z2 == json.loads((ROOT / "configs" / "zero2.json").read_text())

@@ -8,8 +8,8 @@ import pytest
 import parrot
 from conftest import random_image, requires_mlx, requires_torch
 from parrot.convert.core import convert_checkpoint
-from parrot.layout import PATCH_EMBED, detect_layout
-from parrot.safetensors_io import CheckpointFiles
+from parrot.model.layout import PATCH_EMBED, detect_layout
+from parrot.storage.safetensors_io import CheckpointFiles
 from parrot.testing import write_tiny_checkpoint
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import requires_torch
 from parrot.cli.main import main
-from parrot.train_config import TrainConfig
+from parrot.training.config import TrainConfig
 
 TOWER = "clip-vit-tiny"  # the tiny checkpoint's CLIP tower directory
 

@@ -9,9 +9,9 @@ import pytest
 from train_helpers import read_losses, write_dataset
 
 from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot
-from parrot.safetensors_io import CheckpointFiles, SafetensorsFile
+from parrot.storage.safetensors_io import CheckpointFiles, SafetensorsFile
 from parrot.testing import write_tiny_clip, write_tiny_llm
-from parrot.train_config import TrainConfig
+from parrot.training.config import TrainConfig
 
 pytestmark = requires_mlx
 
@@ -86,8 +86,8 @@ def test_trainable_sets_equal_the_torch_backend(tiny_ckpt, stage, no_moe, train_
     from parrot.backends.mlx.train.build import set_trainable as trainable_mlx
     from parrot.backends.torch_cuda.train.build import build_model as build_torch
     from parrot.backends.torch_cuda.train.build import set_trainable as trainable_torch
-    from parrot.layout import mlx_to_official_key
-    from parrot.train_source import open_source
+    from parrot.model.layout import mlx_to_official_key
+    from parrot.training.source import open_source
 
     tc = TrainConfig(stage=stage, data="x", output="y", model=str(tiny_ckpt), no_moe=no_moe, train_vision=train_vision,
                      backend="mlx").resolved()
@@ -115,7 +115,7 @@ def test_grad_checkpoint_recomputes_only_the_wrapped_instances(tiny_ckpt):
 
     import parrot
     from parrot.backends.mlx.train.build import build_model, enable_grad_checkpoint
-    from parrot.train_source import open_source
+    from parrot.training.source import open_source
 
     tc = TrainConfig(stage=2, data="x", output="y", model=str(tiny_ckpt), backend="mlx").resolved()
     model = build_model(open_source(tc), seed=0)
@@ -186,7 +186,7 @@ def test_mlx_training_works_without_torch_installed(tmp_path, tiny_ckpt, dataset
 
     data, images = dataset
     code = (
-        "import sys, parrot; from parrot.train_config import TrainConfig; from parrot.training import train\n"
+        "import sys, parrot; from parrot.training.config import TrainConfig; from parrot.training import train\n"
         "out = train(TrainConfig(stage=2, model=sys.argv[1], data=sys.argv[2], image_dir=sys.argv[3], "
         "output=sys.argv[4], backend='mlx', lora=True, max_steps=2, batch_size=2, num_workers=0), progress=False)\n"
         "m = parrot.load(sys.argv[1], backend='mlx', adapter=out)\n"

@@ -11,9 +11,9 @@ from train_helpers import read_losses, write_dataset
 
 from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot
 from parrot.errors import ParrotError
-from parrot.safetensors_io import CheckpointFiles, SafetensorsFile
-from parrot.splice import plan_prompts
-from parrot.train_config import TrainConfig
+from parrot.model.splice import plan_prompts
+from parrot.storage.safetensors_io import CheckpointFiles, SafetensorsFile
+from parrot.training.config import TrainConfig
 
 pytestmark = requires_mlx
 PROMPT = "What is in the picture?"
@@ -73,7 +73,7 @@ def test_saved_adapter_reloads_to_the_same_logits(tmp_path, tiny_ckpt, dataset):
     from parrot.backends.mlx.lora import lora_weights
     from parrot.backends.mlx.train.build import build_model, set_trainable
     from parrot.backends.mlx.train.export import export_adapter
-    from parrot.train_source import open_source
+    from parrot.training.source import open_source
 
     tc = TrainConfig(stage=2, data="x", output="y", model=str(tiny_ckpt), backend="mlx", lora=True,
                      lora_targets=["q_proj", "v_proj", "down_proj", "experts", "projector"], lora_rank=4,

@@ -9,9 +9,9 @@ import pytest
 from train_helpers import read_losses, write_dataset
 
 from conftest import requires_mlx, requires_torch
-from parrot.data import LlavaData, collate
-from parrot.safetensors_io import CheckpointFiles
-from parrot.train_config import TrainConfig
+from parrot.storage.safetensors_io import CheckpointFiles
+from parrot.training.config import TrainConfig
+from parrot.training.data import LlavaData, collate
 
 pytestmark = [requires_mlx, requires_torch]
 
@@ -22,8 +22,8 @@ def dataset(tmp_path_factory):
 
 
 def _batch(ckpt, data_path, image_dir, order, max_length=2048, truncate=False):
-    from parrot.tokenizer import Tokenizer
-    from parrot.train_source import open_source
+    from parrot.model.tokenizer import Tokenizer
+    from parrot.training.source import open_source
 
     tc = TrainConfig(stage=2, data=str(data_path), output="unused", model=str(ckpt))
     src = open_source(tc)
@@ -47,7 +47,7 @@ def both(tiny_ckpt, dataset):
     from parrot.backends.torch_cuda.model import causal_lm_loss_sum
     from parrot.backends.torch_cuda.train.build import build_model as build_torch
     from parrot.backends.torch_cuda.train.build import set_trainable as trainable_torch
-    from parrot.layout import mlx_to_official_array, mlx_to_official_key
+    from parrot.model.layout import mlx_to_official_array, mlx_to_official_key
 
     src, batch = _batch(tiny_ckpt, *dataset, order=[2, 1, 0])
     assert batch["has_image"].tolist() == [True, False, True] and not batch["attention_mask"].all()
@@ -98,7 +98,7 @@ def test_mlx_splice_matches_torch_splice_with_truncation(tiny_ckpt, dataset):
     import torch
 
     import parrot
-    from parrot.splice import plan_splice
+    from parrot.model.splice import plan_splice
 
     src, batch = _batch(tiny_ckpt, *dataset, order=[1, 2, 0], max_length=100, truncate=True)
     t = parrot.load(tiny_ckpt, backend="cpu").model

@@ -1,4 +1,4 @@
-"""The output rule (parrot.fsutil) in every command that writes: an output is never an input, never inside
+"""The output rule (parrot.storage.fsutil) in every command that writes: an output is never an input, never inside
 one and never contains one (through symlinks and hard links too); --force replaces only a previous output of
 the same command; files get the umask's permissions."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_clean_failure, requires_torch, run_parrot
 from parrot.errors import ParrotError
-from parrot.fsutil import check_output, overlap
+from parrot.storage.fsutil import check_output, overlap
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -130,7 +130,7 @@ def test_converted_files_get_the_umask_permissions(umask, file_mode, dir_mode, t
 
 def test_generate_never_takes_request_rows_for_answers(tmp_path):
     """Another requests file as -o (not a link to -i): its rows have ids but no text, so they are no answers."""
-    from parrot.answers import load_answers
+    from parrot.inference.answers import load_answers
 
     other = tmp_path / "other_requests.jsonl"
     other.write_text('{"id": "r0", "prompt": "Question 0?"}\n')

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_parrot_imports_neither_torch_nor_mlx():
-    code = "import sys, parrot, parrot.testing, parrot.checkpoint; " \
+    code = "import sys, parrot, parrot.testing, parrot.model.checkpoint; " \
            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlx', 'mlx_lm', 'transformers'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -69,3 +69,17 @@ def test_backend_without_package_is_a_clear_error(tiny_ckpt):
     env = {**__import__("os").environ, **without_packages("mlx")}
     p = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True, text=True, env=env)
     assert p.returncode != 0 and "needs MLX, which is not installed" in p.stderr
+
+
+def test_modules_moved_into_subpackages_still_import_under_their_old_names():
+    """0.1's flat module names (`parrot.config`, `parrot.generation`, ...) are aliases of the new modules."""
+    code = ("import parrot.config, parrot.model.config, parrot.train_config, parrot.training.config, parrot.fsutil\n"
+            "from parrot.safetensors_io import SafetensorsFile\n"
+            "from parrot.storage.safetensors_io import SafetensorsFile as S\n"
+            "assert parrot.config is parrot.model.config and SafetensorsFile is S\n"
+            "assert parrot.train_config.TrainConfig is parrot.training.config.TrainConfig\n"
+            "from parrot.training import train\n"
+            "import sys; assert 'torch' not in sys.modules and 'mlx' not in sys.modules\n"
+            "print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

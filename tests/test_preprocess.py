@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import random_image
 from parrot.errors import ParrotError
-from parrot.image import CLIP_MEAN, CLIP_STD, ImageSettings, preprocess
+from parrot.model.image import CLIP_MEAN, CLIP_STD, ImageSettings, preprocess
 
 SIZES = [(37, 23), (19, 50), (30, 30), (7, 3), (400, 120), (336, 500)]
 

@@ -1,4 +1,4 @@
-"""The splice plan (parrot.splice) against a per-row Python reference, and both backends applying one plan."""
+"""The splice plan (parrot.model.splice) against a per-row Python reference, and both backends applying one plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from conftest import requires_mlx, requires_torch
 from parrot.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from parrot.errors import ParrotError
-from parrot.splice import plan_prompts, plan_splice
+from parrot.model.splice import plan_prompts, plan_splice
 
 N = 4  # visual tokens per image
 

@@ -14,8 +14,8 @@ from train_helpers import write_dataset
 
 from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot
 from parrot.errors import ParrotError
-from parrot.layout import mlx_to_official_key
-from parrot.safetensors_io import CheckpointFiles, SafetensorsFile
+from parrot.model.layout import mlx_to_official_key
+from parrot.storage.safetensors_io import CheckpointFiles, SafetensorsFile
 
 STEPS = ("step-00000001", "step-00000002")
 
@@ -88,9 +88,9 @@ def test_missing_image_dir_is_refused_before_anything_runs(tiny_ckpt, tmp_path):
 
 
 def test_a_dataset_whose_images_all_fail_to_load_is_an_error(tiny_ckpt, tmp_path):
-    from parrot.data import LlavaData
-    from parrot.image import ImageSettings
-    from parrot.tokenizer import Tokenizer
+    from parrot.model.image import ImageSettings
+    from parrot.model.tokenizer import Tokenizer
+    from parrot.training.data import LlavaData
 
     data, images = write_dataset(tmp_path / "d", n=6)  # 4 image samples, 2 text-only
     empty = tmp_path / "elsewhere"

@@ -15,7 +15,7 @@ import pytest
 from train_helpers import read_losses, write_dataset
 
 from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot
-from parrot.safetensors_io import CheckpointFiles
+from parrot.storage.safetensors_io import CheckpointFiles
 from parrot.testing import write_tiny_clip, write_tiny_llm
 
 pytestmark = requires_torch
@@ -107,8 +107,8 @@ def test_stage1_checkpoint_of_a_new_model_converts_without_the_untrained_moe(two
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_ckpt, dataset):
-    from parrot.train_config import TrainConfig
     from parrot.training import train
+    from parrot.training.config import TrainConfig
 
     data, images = dataset
     settings = dict(stage=2, model=tiny_ckpt, data=data, image_dir=images, max_steps=24, save_every=3, batch_size=1,

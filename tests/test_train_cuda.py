@@ -13,7 +13,7 @@ import pytest
 from train_helpers import read_losses, write_dataset
 
 from conftest import run_parrot
-from parrot.safetensors_io import CheckpointFiles
+from parrot.storage.safetensors_io import CheckpointFiles
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]

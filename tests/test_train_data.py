@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from train_helpers import ANSWERS, write_images
 
-from parrot.checkpoint import Checkpoint
-from parrot.data import (
+from parrot.errors import ParrotError
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.tokenizer import Tokenizer
+from parrot.training.data import (
     IMAGE_MISSING,
     IMAGE_UNREADABLE,
     IMAGE_UNUSED,
@@ -25,9 +27,7 @@ from parrot.data import (
     collate,
     splice_labels,
 )
-from parrot.errors import ParrotError
-from parrot.schedule import StepPlan, cosine_lr_factor, warmup_steps
-from parrot.tokenizer import Tokenizer
+from parrot.training.schedule import StepPlan, cosine_lr_factor, warmup_steps
 
 IGNORE, IMAGE = -100, -200
 

@@ -9,9 +9,9 @@ import pytest
 from train_helpers import read_losses, write_dataset
 
 from conftest import requires_torch
-from parrot.data import LlavaData
-from parrot.safetensors_io import CheckpointFiles, SafetensorsFile
-from parrot.train_config import TrainConfig
+from parrot.storage.safetensors_io import CheckpointFiles, SafetensorsFile
+from parrot.training.config import TrainConfig
+from parrot.training.data import LlavaData
 
 pytestmark = requires_torch
 
@@ -190,7 +190,7 @@ def test_truncated_samples_train_with_the_label_count_the_data_computed(tmp_path
 ])
 def test_trainable_sets_per_stage(tiny_ckpt, stage, no_moe, train_vision, parts):
     from parrot.backends.torch_cuda.train.build import build_model, set_trainable
-    from parrot.train_source import open_source
+    from parrot.training.source import open_source
 
     tc = TrainConfig(stage=stage, data="x", output="y", model=str(tiny_ckpt), no_moe=no_moe, train_vision=train_vision)
     src = open_source(tc)

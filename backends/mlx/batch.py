@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
-from parrot.generation import SamplingParams, advance_rows
+from parrot.inference.generation import SamplingParams, advance_rows
 
 from .generate import PREFILL_STEP, Sampler, generation_stream
 from .mlxlm import BatchKVCache, wired_limit

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
-from parrot.generation import SamplingParams
+from parrot.inference.generation import SamplingParams
 
 from .mlxlm import wired_limit
 

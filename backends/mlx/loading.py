@@ -7,9 +7,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from parrot.checkpoint import Checkpoint
 from parrot.errors import ParrotError
-from parrot.layout import QUANT_SUFFIXES, mlx_to_official_key, official_to_mlx_array, official_to_mlx_key
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.layout import QUANT_SUFFIXES, mlx_to_official_key, official_to_mlx_array, official_to_mlx_key
 
 from .model import ParrotForCausalLM
 

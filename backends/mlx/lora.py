@@ -11,8 +11,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from parrot.adapter import Adapter
 from parrot.errors import ParrotError
+from parrot.training.adapter import Adapter
 
 from .mlxlm import LoRALinear
 from .model import ParrotForCausalLM
@@ -38,7 +38,7 @@ def lora_weights(model: ParrotForCausalLM) -> dict[str, mx.array]:
 
 
 def apply_adapter(model: ParrotForCausalLM, adapter: Adapter) -> None:
-    """Rebuilds a saved adapter (parrot.adapter.read_adapter, checked against the base) on a loaded model."""
+    """Rebuilds a saved adapter (parrot.training.adapter.read_adapter, checked against the base) on a loaded model."""
     apply_lora(model, adapter.modules, adapter.rank, adapter.scale, adapter.dropout)
     model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in adapter.weights.items()], strict=False)
     mx.eval(model.parameters())

@@ -1,7 +1,7 @@
 """The Parrot model in MLX: CLIP vision tower, projector and MoE here; the LLM is mlx-lm's Qwen2.
 
 Same classes, in the same order, as backends/torch_cuda/model.py. Module names are the MLX-layout
-keys (parrot.layout): language_model.*, vision_tower.vision_model.*, mm_projector.N, moe_model.*.
+keys (parrot.model.layout): language_model.*, vision_tower.vision_model.*, mm_projector.N, moe_model.*.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from parrot.config import ParrotConfig, VisionConfig
-from parrot.splice import SplicePlan
+from parrot.model.config import ParrotConfig, VisionConfig
+from parrot.model.splice import SplicePlan
 
 from .mlxlm import qwen2
 
@@ -213,7 +213,7 @@ class ParrotForCausalLM(nn.Module):
 
     def splice(self, plan: SplicePlan, image_features: mx.array | None = None, experts: mx.array | None = None
                ) -> mx.array:
-        """[B, T', C] input embeddings of a planned batch (parrot.splice): the word embeddings of
+        """[B, T', C] input embeddings of a planned batch (parrot.model.splice): the word embeddings of
         `plan.text_ids`, and MoE(H_v) for the rows `plan.image_rows` (image_features [K, N, C]; experts:
         their cached `expert_outputs`), the MoE attending over each row's `plan.context`."""
         tok = self.embed_tokens(mx.array(plan.text_ids))

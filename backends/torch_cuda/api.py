@@ -7,12 +7,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from parrot.adapter import Adapter
 from parrot.api import ParrotModel
-from parrot.checkpoint import Checkpoint
-from parrot.generation import SamplingParams, process_peak_rss
+from parrot.inference.generation import SamplingParams, process_peak_rss
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.splice import plan_prompts
 from parrot.registry import BackendSpec
-from parrot.splice import plan_prompts
+from parrot.training.adapter import Adapter
 
 from .batch import generate_tokens_batch
 from .generate import generate_tokens

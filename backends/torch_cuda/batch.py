@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from parrot.generation import SamplingParams, advance_rows
+from parrot.inference.generation import SamplingParams, advance_rows
 
 from .generate import Sampler
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from parrot.generation import SamplingParams
+from parrot.inference.generation import SamplingParams
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-from parrot.adapter import Adapter, fuse_official
-from parrot.checkpoint import Checkpoint
-from parrot.config import ParrotConfig, VisionConfig
 from parrot.errors import ParrotError
+from parrot.model.checkpoint import Checkpoint
+from parrot.model.config import ParrotConfig, VisionConfig
+from parrot.training.adapter import Adapter, fuse_official
 
 from .model import ParrotForCausalLM
 

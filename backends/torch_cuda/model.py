@@ -16,9 +16,9 @@ from torch import nn
 from transformers import CLIPVisionConfig, Qwen2Config, Qwen2Model
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 
-from parrot.config import ParrotConfig, VisionConfig
 from parrot.constants import IGNORE_INDEX
-from parrot.splice import SplicePlan, plan_splice
+from parrot.model.config import ParrotConfig, VisionConfig
+from parrot.model.splice import SplicePlan, plan_splice
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
@@ -174,7 +174,7 @@ class ParrotForCausalLM(nn.Module):
     def splice(
         self, plan: SplicePlan, image_features: torch.Tensor | None = None, experts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, T', C] input embeddings of a planned batch (parrot.splice): the word embeddings of
+        """[B, T', C] input embeddings of a planned batch (parrot.model.splice): the word embeddings of
         `plan.text_ids`, and MoE(H_v) for the rows `plan.image_rows` (image_features [K, N, C]; experts:
         their cached `expert_outputs`), the MoE attending over each row's `plan.context`."""
         dev = self.model.embed_tokens.weight.device

@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ParrotError
-from ..image import MAX_IMAGE_PIXELS
+from ..model.image import MAX_IMAGE_PIXELS
 from .prompt import is_missing, options_of
 from .sources import DataSource
 

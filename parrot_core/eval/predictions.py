@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import ParrotError
-from ..fsutil import atomic_output_file
+from ..storage.fsutil import atomic_output_file
 from .data import EvalDataset, index_key, read_table
 from .prompt import OPTION_LETTERS, is_missing
 from .scoring import ScoredRow

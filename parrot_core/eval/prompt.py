@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..constants import DEFAULT_IMAGE_TOKEN
-from ..prompt import format_conversation
-from ..tokenizer import Tokenizer
+from ..model.prompt import format_conversation
+from ..model.tokenizer import Tokenizer
 
 OPTION_LETTERS = string.ascii_uppercase
 ENGLISH = "\nAnswer with the option's letter from the given choices directly."

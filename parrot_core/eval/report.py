@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParrotError
-from ..fsutil import atomic_output_file
+from ..storage.fsutil import atomic_output_file
 from .scoring import GROUP_COLUMNS, MMB_ABBREVIATIONS, Scored
 from .sources import LANGUAGES
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batch import Request, generate_batch
 from ..errors import ParrotError
-from ..generation import ImageCache, SamplingParams
+from ..inference.batch import Request, generate_batch
+from ..inference.generation import ImageCache, SamplingParams
 from .data import EvalDataset
 from .predictions import AnswerFile, cell, check_answers, output_columns
 from .prompt import build_prompt, build_query, clean_answer, query_ids

@@ -11,11 +11,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from parrot.adapter import target_modules
 from parrot.errors import ParrotError
-from parrot.layout import official_to_mlx_array, official_to_mlx_key
-from parrot.train_config import TrainConfig
-from parrot.train_source import ModelSource
+from parrot.model.layout import official_to_mlx_array, official_to_mlx_key
+from parrot.training.adapter import target_modules
+from parrot.training.config import TrainConfig
+from parrot.training.source import ModelSource
 
 from ..loading import MX_DTYPES, mlx_weights, quantize_like, to_mx
 from ..lora import apply_lora

@@ -1,4 +1,4 @@
-"""The shared LLaVA data (parrot.data) for the MLX trainer: each step's micro-batches, formatted,
+"""The shared LLaVA data (parrot.training.data) for the MLX trainer: each step's micro-batches, formatted,
 decoded and collated in numpy by worker threads a few steps ahead, in the order the step plan fixes."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from parrot.data import LlavaData, collate
-from parrot.schedule import StepPlan
+from parrot.training.data import LlavaData, collate
+from parrot.training.schedule import StepPlan
 
 
 def step_batches(data: LlavaData, plan: StepPlan, start_step: int, pad_id: int,

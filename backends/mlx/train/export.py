@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from mlx.utils import tree_flatten
 
-from parrot.adapter import adapter_config, save_adapter
-from parrot.layout import (
+from parrot.model.layout import (
     mlx_to_official_array,
     mlx_to_official_key,
     mlx_to_official_shape,
@@ -26,9 +25,10 @@ from parrot.layout import (
     official_to_mlx_key,
     official_to_mlx_shape,
 )
-from parrot.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
-from parrot.train_config import TrainConfig
-from parrot.train_source import ModelSource, move_model_into, write_model_description
+from parrot.storage.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
+from parrot.training.adapter import adapter_config, save_adapter
+from parrot.training.config import TrainConfig
+from parrot.training.source import ModelSource, move_model_into, write_model_description
 
 from ..loading import to_np
 from ..lora import lora_weights

@@ -2,8 +2,8 @@
 
 `MLXEngine` runs one step: count the global batch's label tokens -> for each micro-batch: forward
 -> summed loss / that count -> gradients (accumulated) -> clip + AdamW step at the scheduled lr. The
-run around it (resume, metrics, progress, checkpoints, export) is the shared one (parrot.train_loop),
-as are the data order, step plan and lr schedule (parrot.schedule).
+run around it (resume, metrics, progress, checkpoints, export) is the shared one (parrot.training.loop),
+as are the data order, step plan and lr schedule (parrot.training.schedule).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 from mlx.utils import tree_map
 
 from parrot.errors import ParrotError
-from parrot.schedule import StepPlan, cosine_lr_factor, warmup_steps
-from parrot.train_loop import StepStats, run_steps
 from parrot.training import PreparedRun
+from parrot.training.loop import StepStats, run_steps
+from parrot.training.schedule import StepPlan, cosine_lr_factor, warmup_steps
 
 from .build import build_model, cast_frozen, enable_grad_checkpoint, set_trainable, trainable_summary
 from .data import step_batches

@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from parrot.errors import ParrotError
-from parrot.fsutil import atomic_output_file
+from parrot.storage.fsutil import atomic_output_file
 
 from ..model import ParrotForCausalLM
 from .optim import TorchAdamW

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from parrot.constants import IGNORE_INDEX
-from parrot.splice import SplicePlan, plan_splice
+from parrot.model.splice import SplicePlan, plan_splice
 
 from ..model import ParrotForCausalLM
 
@@ -32,7 +32,7 @@ class MicroBatch:
 
 
 def prepare(batch: dict[str, Any], num_visual: int, max_length: int | None) -> MicroBatch:
-    """A collated numpy micro-batch (parrot.data.collate) planned for the MLX model."""
+    """A collated numpy micro-batch (parrot.training.data.collate) planned for the MLX model."""
     plan = plan_splice(batch["input_ids"], num_visual, batch["attention_mask"], batch["labels"], max_length)
     nxt = plan.labels[:, 1:]
     rows, cols = np.nonzero(nxt != IGNORE_INDEX)

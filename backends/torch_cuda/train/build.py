@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from parrot.errors import ParrotError
-from parrot.train_source import ModelSource
+from parrot.training.source import ModelSource
 
 from ..loading import empty_model, to_torch
 from ..model import MultilingualMoE, ParrotForCausalLM, build_projector

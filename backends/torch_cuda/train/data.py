@@ -1,4 +1,4 @@
-"""The shared LLaVA data (parrot.data) behind a torch DataLoader: micro-batches are formatted,
+"""The shared LLaVA data (parrot.training.data) behind a torch DataLoader: micro-batches are formatted,
 their images decoded and collated in worker processes, in the order the step plan fixes.
 
 Under sharding every rank must run as many forwards per step as the others (each one gathers
@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from parrot.constants import IGNORE_INDEX
-from parrot.data import LlavaData, collate
-from parrot.schedule import StepPlan
+from parrot.training.data import LlavaData, collate
+from parrot.training.schedule import StepPlan
 
 
 class MicroBatches(Dataset):

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from parrot.fsutil import apply_umask
-from parrot.safetensors_io import INDEX_NAME
-from parrot.train_source import ModelSource, move_model_into, write_model_description
+from parrot.storage.fsutil import apply_umask
+from parrot.storage.safetensors_io import INDEX_NAME
+from parrot.training.source import ModelSource, move_model_into, write_model_description
 
 from ..loading import TORCH_DTYPES, to_torch
 from .strategy import Strategy

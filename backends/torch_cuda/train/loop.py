@@ -4,7 +4,7 @@
 -> summed loss / that count -> backward -> clip + optimizer step + scheduler step. The loss is thus
 the mean over every label token of the global batch, whatever the accumulation. Sharding lives
 behind `Strategy`; the model code has none. The run around the step (resume, metrics, progress,
-checkpoints, export) is the shared one (parrot.train_loop).
+checkpoints, export) is the shared one (parrot.training.loop).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from parrot import registry
-from parrot.schedule import StepPlan, warmup_steps
-from parrot.train_loop import StepStats, run_steps
 from parrot.training import PreparedRun
+from parrot.training.loop import StepStats, run_steps
+from parrot.training.schedule import StepPlan, warmup_steps
 
 from ..loading import TORCH_DTYPES
 from ..model import causal_lm_loss_sum
@@ -90,7 +90,7 @@ class TorchEngine:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
         for i, mb in enumerate(micro):
-            # ids, mask and labels stay on the host: the model plans the splice there (parrot.splice)
+            # ids, mask and labels stay on the host: the model plans the splice there (parrot.model.splice)
             logits, plan = self.forward(
                 input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                 pixel_values=mb["pixel_values"].to(device), labels=mb["labels"], max_length=tc.max_length,

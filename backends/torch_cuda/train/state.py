@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from parrot.errors import ParrotError
-from parrot.fsutil import apply_umask, atomic_output_file
+from parrot.storage.fsutil import apply_umask, atomic_output_file
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from parrot.schedule import cosine_lr_factor
+from parrot.training.schedule import cosine_lr_factor
 
 from .state import load_optimizer, load_tensors, save_optimizer, save_tensors
 

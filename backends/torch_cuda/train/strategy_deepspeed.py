@@ -1,6 +1,6 @@
 """`--deepspeed ds_config.json`: DeepSpeed ZeRO (stage 2 or 3) around the unchanged model.
 
-The JSON's "auto" fields are resolved from the run's flags (parrot.ds_config, transformers' rules).
+The JSON's "auto" fields are resolved from the run's flags (parrot.training.ds_config, transformers' rules).
 DeepSpeed gets a torch AdamW and Parrot's warmup + cosine LambdaLR (no fused-Adam build); the loop
 owns the accumulation boundary (a final partial global batch still makes a step) and normalizes the
 loss itself, so DeepSpeed neither divides by the accumulation steps nor averages away the ranks.
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from parrot.ds_config import ResolvedDeepSpeed
 from parrot.errors import ParrotError
+from parrot.training.ds_config import ResolvedDeepSpeed
 
 from ..zero_checkpoint import ZeroCheckpoint
 from .dist import Collectives, init_process_group

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from parrot.errors import ParrotError
-from parrot.fsutil import atomic_output_file
+from parrot.storage.fsutil import atomic_output_file
 
 from ..model import ParrotForCausalLM
 from .dist import Collectives, init_process_group

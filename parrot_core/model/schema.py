@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ParrotError
+from ..errors import ParrotError
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_SIZE = 2**31 - 1  # sizes beyond int32 are corruption, not models

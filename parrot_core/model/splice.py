@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .errors import ParrotError
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ..errors import ParrotError
 
 PADDING_SIDES = ("right", "left")
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .constants import IMAGE_TOKEN_INDEX
+from ..constants import IMAGE_TOKEN_INDEX
+from ..errors import ParrotError
 from .detokenizer import StreamingDetokenizer
-from .errors import ParrotError
 from .generation import GenerationResult, ImageCache, SamplingParams, generate_stream
 
 
@@ -109,7 +109,7 @@ def generate_batch(
 
 def _prepare(model, request: Request) -> _Row:
     if not isinstance(request, Request):
-        raise ParrotError(f"expected a parrot.batch.Request (got {type(request).__name__})")
+        raise ParrotError(f"expected a parrot.inference.batch.Request (got {type(request).__name__})")
     if not isinstance(request.prompt, str):
         raise ParrotError(f"prompt must be a string (got {type(request.prompt).__name__})")
     params = request.params.with_seed()

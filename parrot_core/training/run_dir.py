@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ParrotError
-from .fsutil import OUTPUT_MARKER, atomic_output_file, is_output_of, mark_output
-from .schema import parse_json
+from ..errors import ParrotError
+from ..model.schema import parse_json
+from ..storage.fsutil import OUTPUT_MARKER, atomic_output_file, is_output_of, mark_output
 
 STATE_NAME = "trainer_state.json"
 MODEL_DIR = "model"  # a checkpoint's model description (config, tokenizer, preprocessor settings)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ParrotError
+from ..errors import ParrotError
 from .schema import (
     DTYPES,  # noqa: F401  (re-exported: the CLI's --dtype choices)
     PARROT_CONFIG,

@@ -13,8 +13,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .constants import IM_END, IM_START, PAD_TOKEN
-from .errors import ParrotError
+from ..constants import IM_END, IM_START, PAD_TOKEN
+from ..errors import ParrotError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ParrotError
+from ..storage.safetensors_io import CheckpointFiles
 from .config import ParrotConfig
-from .errors import ParrotError
 from .layout import (
     OFFICIAL_VISION,
     QUANT_SUFFIXES,
@@ -21,7 +22,6 @@ from .layout import (
     tower_to_official_key,
 )
 from .manifest import Manifest, build_manifest, validate
-from .safetensors_io import CheckpointFiles
 from .tower import ResolvedTower, resolve_vision_tower
 
 

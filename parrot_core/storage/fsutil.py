@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import ParrotError
+from ..errors import ParrotError
 
 OUTPUT_MARKER = ".parrot-output.json"
 PathLike = str | os.PathLike
@@ -80,7 +80,7 @@ def check_output(output: PathLike, inputs: Iterable[tuple[str, PathLike | None]]
 # ---------------------------------------------------------------- 2. previous outputs
 def mark_output(directory: PathLike, command: str) -> None:
     """Marks `directory` as written by `parrot <command>` (what `--force` may replace)."""
-    from . import __version__
+    from .. import __version__
 
     Path(directory, OUTPUT_MARKER).write_text(json.dumps({"command": command, "version": __version__}) + "\n",
                                               encoding="utf-8")

@@ -7,7 +7,7 @@ the kept ones' lengths after the visual tokens are spliced in are known); `item(
 sample and decodes its image lazily (in the trainer's worker processes).
 
 Formatting is the official one: `<image>` moved to the front of its message (image samples only),
-then `parrot.prompt.format_conversation` (labels = the assistant turns after their header). Text-only
+then `parrot.model.prompt.format_conversation` (labels = the assistant turns after their header). Text-only
 samples get an all-zeros image, as the official code feeds them, so the vision tower, projector and
 MoE run for every sample (their output is not spliced in). Backend-agnostic: no torch, no mlx.
 """
@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ROLE_HEADERS
-from .errors import ParrotError
-from .image import DECODE_ERRORS, ImageSettings, check_sizes, preprocess
-from .prompt import format_conversation, move_image_to_front
-from .schema import parse_json
-from .tokenizer import Tokenizer, is_text
+from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ROLE_HEADERS
+from ..errors import ParrotError
+from ..model.image import DECODE_ERRORS, ImageSettings, check_sizes, preprocess
+from ..model.prompt import format_conversation, move_image_to_front
+from ..model.schema import parse_json
+from ..model.tokenizer import Tokenizer, is_text
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from .prepare import PreparedRun
 from .run_dir import MODEL_DIR, STATE_NAME, host_rng_state, read_json, set_host_rng_state, write_json
 from .schedule import StepPlan
-from .train_source import write_model_description
-from .training import PreparedRun
+from .source import write_model_description
 
 
 @dataclass

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ParrotError
 from .config import KNOWN_VISION_TOWERS, ParrotConfig, VisionConfig
-from .errors import ParrotError
 from .image import PREPROCESSOR_NAME, ImageSettings
 from .schema import parse_json, show
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import IMAGE_TOKEN_INDEX
+from ..errors import ParrotError
 from .batch import Request, generate_batch
-from .constants import IMAGE_TOKEN_INDEX
-from .errors import ParrotError
 from .generation import GenerationResult, SamplingParams, generate_stream
 
 REPORT_KEYS = ("prompt_tps", "generation_tps", "time_to_first_token", "peak_memory")

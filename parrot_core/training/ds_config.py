@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ParrotError
+from ..errors import ParrotError
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ParrotError
+from ..errors import ParrotError
 
 OFFICIAL_VISION = "model.vision_tower.vision_tower."
 MLX_VISION = "vision_tower."

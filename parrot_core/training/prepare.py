@@ -9,18 +9,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from .. import registry
+from ..errors import ParrotError
+from ..model.schema import RUN_CONFIG, check
+from ..model.tokenizer import Tokenizer
+from ..registry import BackendSpec
+from ..storage.fsutil import check_output
+from .config import TrainConfig
 from .data import LlavaData
 from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
-from .errors import ParrotError
-from .fsutil import check_output
-from .registry import BackendSpec
 from .run_dir import RunDir, read_json, write_json
 from .schedule import StepPlan, warmup_steps
-from .schema import RUN_CONFIG, check
-from .tokenizer import Tokenizer
-from .train_config import TrainConfig
-from .train_source import ModelSource, open_source
+from .source import ModelSource, open_source
 
 
 @dataclass

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
-from .checkpoint import Checkpoint
-from .config import ParrotConfig
-from .errors import ParrotError
-from .hub import download, is_hub_id, resolve_model_path
-from .layout import OFFICIAL_VISION, mlx_to_official_array, mlx_to_official_key, tower_to_official_key
-from .manifest import Manifest, build_manifest, validate
-from .safetensors_io import CheckpointFiles, remove_weight_files
-from .tokenizer import Tokenizer, copy_tokenizer_files
-from .tower import ResolvedTower, resolve_vision_tower
-from .train_config import TrainConfig
+from .. import registry
+from ..errors import ParrotError
+from ..model.checkpoint import Checkpoint
+from ..model.config import ParrotConfig
+from ..model.layout import OFFICIAL_VISION, mlx_to_official_array, mlx_to_official_key, tower_to_official_key
+from ..model.manifest import Manifest, build_manifest, validate
+from ..model.tokenizer import Tokenizer, copy_tokenizer_files
+from ..model.tower import ResolvedTower, resolve_vision_tower
+from ..storage.hub import download, is_hub_id, resolve_model_path
+from ..storage.safetensors_io import CheckpointFiles, remove_weight_files
+from .config import TrainConfig
 
 Weights = Callable[[], Iterator[tuple[str, np.ndarray]]]
 

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from .. import registry
+from ..errors import ParrotError
+from ..model.config import DTYPES
+from ..model.schema import TRAIN_CONFIG, check
 from .adapter import LORA_FIELDS, resolve_lora
-from .config import DTYPES
-from .errors import ParrotError
-from .schema import TRAIN_CONFIG, check
 
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"lr": 1e-3, "batch_size": 8, "grad_accum": 4},  # scripts/train/pretrain.sh (x 8 GPUs: global 256)

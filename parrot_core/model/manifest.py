@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..errors import ParrotError
 from .config import ParrotConfig, VisionConfig
-from .errors import ParrotError
 from .layout import OFFICIAL_VISION
 
 Shape = tuple[int, ...]

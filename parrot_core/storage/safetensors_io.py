@@ -19,9 +19,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .errors import ParrotError
-from .layout import canonical_key
-from .schema import parse_json, show
+from ..errors import ParrotError
+from ..model.layout import canonical_key
+from ..model.schema import parse_json, show
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

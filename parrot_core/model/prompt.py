@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import DEFAULT_IMAGE_TOKEN, DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, IM_END, IMAGE_TOKEN_INDEX, ROLE_HEADERS
-from .errors import ParrotError
+from ..constants import (
+    DEFAULT_IMAGE_TOKEN,
+    DEFAULT_SYSTEM_PROMPT,
+    IGNORE_INDEX,
+    IM_END,
+    IMAGE_TOKEN_INDEX,
+    ROLE_HEADERS,
+)
+from ..errors import ParrotError
 from .tokenizer import Tokenizer
 
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ParrotError
+from ..model.schema import MAX_DEPTH, too_deep
+from ..model.tokenizer import is_text
+from ..storage.fsutil import atomic_output_file, check_output
 from .batch import Request, generate_batch
-from .errors import ParrotError
-from .fsutil import atomic_output_file, check_output
 from .generation import GenerationResult, ImageCache, SamplingParams
-from .schema import MAX_DEPTH, too_deep
-from .tokenizer import is_text
 
 SETTINGS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
             "seed": "seed"}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ParrotError
+from ..errors import ParrotError
 from .schema import PREPROCESSOR, check, parse_json, show
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .constants import IMAGE_TOKEN_INDEX
+from ..constants import IMAGE_TOKEN_INDEX
+from ..errors import ParrotError
 from .detokenizer import StreamingDetokenizer
-from .errors import ParrotError
 
 
 @dataclass(frozen=True)

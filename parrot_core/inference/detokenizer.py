@@ -14,7 +14,7 @@ import codecs
 
 from tokenizers import decoders
 
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ParrotError
-from .layout import mlx_to_official_key
-from .schema import ADAPTER_CONFIG as ADAPTER_CONFIG_SCHEMA
-from .schema import check, parse_json
+from ..errors import ParrotError
+from ..model.layout import mlx_to_official_key
+from ..model.schema import ADAPTER_CONFIG as ADAPTER_CONFIG_SCHEMA
+from ..model.schema import check, parse_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -156,8 +156,8 @@ def adapter_config(rank: int, scale: float, dropout: float, alpha: float | None,
 
 def save_adapter(directory: Path, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
     """Writes adapters.safetensors, then adapter_config.json, into `directory` (each atomically)."""
-    from .fsutil import atomic_output_file
-    from .safetensors_io import save_file
+    from ..storage.fsutil import atomic_output_file
+    from ..storage.safetensors_io import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def save_adapter(directory: Path, config: dict[str, Any], weights: dict[str, np.
 
 def read_adapter(path: str | Path) -> Adapter:
     """An adapter directory, validated (config fields, tensor names, pairs and ranks)."""
-    from .safetensors_io import SafetensorsFile
+    from ..storage.safetensors_io import SafetensorsFile
 
     d = Path(path)
     if not d.is_dir():
