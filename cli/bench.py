@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from parrot.model.config import DTYPES
-
-from .common import adapter_option, backend_option, vision_tower_option
+from .common import adapter_option, backend_option, dtype_option, vision_tower_option
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +19,7 @@ from .common import adapter_option, backend_option, vision_tower_option
 @click.option("--no-image", is_flag=True, help="Text only (no vision work).")
 @click.option("--num-trials", "-n", type=int, default=3, show_default=True, help="Timed trials (after one warmup).")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True, help="Prompts decoded together.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
+@dtype_option()
 @vision_tower_option()
 @adapter_option()
 def bench(model_path, backend, prompt_tokens, gen_tokens, image, no_image, num_trials, batch_size, dtype,

@@ -6,16 +6,7 @@ import sys
 
 import click
 
-from parrot.model.config import DTYPES
-
-from .common import (
-    DEFAULT_MODEL,
-    adapter_option,
-    backend_option,
-    sampling_settings,
-    system_option,
-    vision_tower_option,
-)
+from . import common
 
 
 def _lenient_streams() -> None:
@@ -38,18 +29,15 @@ def _line_editing() -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("image", required=False)
-@click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
+@click.option("--model", "model_path", default=common.DEFAULT_MODEL, show_default=True,
               help="Model directory (official or MLX layout) or a hub id.")
-@backend_option()
+@common.backend_option()
 @click.option("--prompt", "-p", default=None, help="Answer this once and exit (otherwise: interactive chat).")
-@click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible answers).")
-@system_option()
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
-@vision_tower_option()
-@adapter_option()
+@common.sampling_options()
+@common.system_option()
+@common.dtype_option()
+@common.vision_tower_option()
+@common.adapter_option()
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory figures after each answer (stderr).")
 def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, system, dtype, vision_tower, adapter_path,
          verbose):
@@ -66,7 +54,7 @@ def chat(image, model_path, backend, prompt, max_tokens, temp, top_p, seed, syst
     from .repl import HELP, printable, run_repl
 
     _lenient_streams()
-    sampling = sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads
+    sampling = common.sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads
     picture = open_image(image, ImageSettings()) if image is not None else None  # so does a bad image
     backend = backend or default_backend()
     click.echo(f"Loading {model_path} ({backend})...", err=True)

@@ -37,6 +37,29 @@ def system_option() -> Callable:
                         help='System prompt (default "You are a helpful assistant.").')
 
 
+def sampling_options(seed_help: str = "Seed for sampling (reproducible answers).") -> Callable:
+    """--max-tokens/-m, --temp, --top-p, --seed (mlx-lm's names)."""
+    options = [
+        click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer."),
+        click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold."),
+        click.option("--seed", type=int, default=None, help=seed_help),
+    ]
+
+    def apply(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+def dtype_option() -> Callable:
+    from parrot.model.schema import DTYPES
+
+    return click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
+
+
 def sampling_settings(max_tokens: int, temp: float, top_p: float, seed: int | None) -> dict:
     """The sampling flags as SamplingParams' arguments, checked (a bad value names its flag)."""
     from parrot.inference.generation import SamplingParams

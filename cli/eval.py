@@ -10,9 +10,8 @@ import click
 
 from parrot import registry
 from parrot.errors import ParrotError
-from parrot.model.config import DTYPES
 
-from .common import adapter_option, backend_option, vision_tower_option
+from .common import adapter_option, backend_option, dtype_option, vision_tower_option
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +32,7 @@ from .common import adapter_option, backend_option, vision_tower_option
 @click.option("--judge-model", default=None, help="The judge's model name (with --judge-url).")
 @click.option("--judge-seed", type=int, default=0, show_default=True,
               help="Seed of the random pick after 3 unusable judge replies.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
+@dtype_option()
 @vision_tower_option()
 @adapter_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -6,22 +6,13 @@ import sys
 
 import click
 
-from parrot.model.config import DTYPES
-
-from .common import (
-    DEFAULT_MODEL,
-    adapter_option,
-    backend_option,
-    sampling_settings,
-    system_option,
-    vision_tower_option,
-)
+from . import common
 
 
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
+@click.option("--model", "model_path", default=common.DEFAULT_MODEL, show_default=True,
               help="Model directory (official or MLX layout) or a hub id.")
-@backend_option()
+@common.backend_option()
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Requests, one JSON object per line: id, prompt, optional image and settings.")
 @click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False),
@@ -30,14 +21,11 @@ from .common import (
               help="Folder relative image paths start from [default: the input file's folder].")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True,
               help="Requests decoded together (batched prefill and decode).")
-@click.option("--max-tokens", "-m", type=int, default=256, show_default=True, help="Most tokens per answer.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (each answer records the seed it used).")
-@system_option()
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Default: the checkpoint's.")
-@vision_tower_option()
-@adapter_option()
+@common.sampling_options(seed_help="Seed for sampling (each answer records the seed it used).")
+@common.system_option()
+@common.dtype_option()
+@common.vision_tower_option()
+@common.adapter_option()
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(model_path, backend, input_path, output_path, image_dir, batch_size, max_tokens, temp, top_p, seed,
              system, dtype, vision_tower, adapter_path, quiet):
@@ -57,7 +45,7 @@ def generate(model_path, backend, input_path, output_path, image_dir, batch_size
     # the output is no input (nor inside the model, tower or adapter): checked before anything is read or written
     check_answer_output(output_path, input_path, [("--model", model_path), ("--vision-tower", vision_tower),
                                                   ("--adapter", adapter_path)], image_dir)
-    defaults = sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads
+    defaults = common.sampling_settings(max_tokens, temp, top_p, seed)  # bad values fail before the model loads
     if batch_size < 1:
         raise ParrotError(f"--batch-size must be >= 1 (got {batch_size})")
     rows, _ = read_requests(input_path)  # so does an unreadable input

@@ -25,7 +25,7 @@ from .inference.generation import (
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES
 from .model.image import preprocess
-from .model.prompt import build_inference_ids
+from .model.prompt import build_inference_ids, check_image_placeholder
 from .model.splice import plan_prompts
 from .model.tokenizer import Tokenizer
 from .storage.hub import resolve_model_path
@@ -83,13 +83,7 @@ class ParrotModel(ModelBackend):
 
         The MoE's text context is every text token of `input_ids` (official inference semantics).
         """
-        n_img = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
-        if n_img > 1:
-            raise ParrotError("input_ids hold more than one image placeholder (-200); Parrot takes one image")
-        if n_img == 1 and pixels is None:
-            raise ParrotError("input_ids hold an image placeholder (-200) but no pixels were given")
-        if n_img == 0 and pixels is not None:
-            raise ParrotError("pixels were given but input_ids hold no image placeholder (-200)")
+        check_image_placeholder(input_ids, pixels is not None)
         bad = [i for i in input_ids if i != IMAGE_TOKEN_INDEX and not 0 <= i < self.config.vocab_size]
         if bad:
             raise ParrotError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
@@ -102,6 +96,15 @@ class ParrotModel(ModelBackend):
     def plan_prompt(self, input_ids: list[int], has_image: bool):
         """The splice plan of one prompt (parrot.model.splice), for `embed_prompt`."""
         return plan_prompts([input_ids], self.num_visual_tokens if has_image else 0)
+
+    def plan_batch(self, batch, padding_side: str = "right"):
+        """For `batch_logits`: the splice plan of (ids, pixels or None) prompts, and the vision features of
+        those with an image (the rows of `plan.image_rows`)."""
+        with_image = [i for i, (_, p) in enumerate(batch) if p is not None]
+        plan = plan_prompts([list(ids) for ids, _ in batch], self.num_visual_tokens if with_image else 0,
+                            padding_side)
+        feats = self.image_features(np.concatenate([batch[i][1] for i in with_image])) if with_image else None
+        return plan, feats
 
     # ------------------------------------------------------------------ generation
     def stream(

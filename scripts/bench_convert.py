@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_common import cpu_name
 from parrot.model.config import KNOWN_VISION_TOWERS, ParrotConfig
 from parrot.model.manifest import build_manifest
 from parrot.storage.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
@@ -131,14 +132,7 @@ def run(program: str, src: Path, dst: Path, *extra: str) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
 

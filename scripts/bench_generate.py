@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import parrot
+from bench_common import cpu_name
 from parrot.inference.bench import synthetic_image, synthetic_prompt
 from parrot.inference.generation import SamplingParams, generate_stream
 from parrot.model.config import ParrotConfig, VisionConfig
@@ -93,14 +94,7 @@ def mlx_lm_tokens(lm_model, tokenizer, ids: list[int], n: int) -> list[int]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import os
 
     import mlx.core as mx

@@ -36,8 +36,8 @@ import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from PIL import Image
 
+from bench_common import write_training_data
 from parrot.convert import convert_checkpoint
 from parrot.model.config import ParrotConfig, VisionConfig
 from parrot.model.tokenizer import Tokenizer
@@ -48,8 +48,6 @@ from parrot.training.config import TrainConfig
 from parrot.training.data import LlavaData
 from parrot.training.schedule import StepPlan
 
-QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que há na imagem?", "Resimde ne var?"]
-ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "
 MODES = {  # name -> (TrainConfig overrides, quantized base, mlx-lm reference mode)
     "full": (dict(), False, "full"),
     "full-nogc": (dict(gradient_checkpointing=False), False, "full"),
@@ -60,21 +58,7 @@ MODES = {  # name -> (TrainConfig overrides, quantized base, mlx-lm reference mo
 
 
 def write_data(root: Path, n: int, seed: int = 0) -> Path:
-    """n samples, 3 in 4 with an image, answers of varied length (so batches carry padding)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    samples = []
-    for i in range(n):
-        convs = [{"from": "human", "value": QUESTIONS[i % 4]},
-                 {"from": "gpt", "value": ANSWER * int(rng.integers(1, 4))}]
-        s = {"id": str(i), "conversations": convs}
-        if i % 4:
-            Image.fromarray((rng.random((96 + i, 128, 3)) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
-            s["image"] = f"{i}.png"
-            convs[0]["value"] = "<image>\n" + convs[0]["value"]
-        samples.append(s)
-    (root / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
-    return root / "data.json"
+    return write_training_data(root, n, max_repeats=3, seed=seed)
 
 
 def reference(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int, mode: str) -> tuple[list[float], float]:

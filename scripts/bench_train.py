@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import Qwen2ForCausalLM
 
+from bench_common import write_training_data
 from parrot.model.checkpoint import Checkpoint
 from parrot.model.config import VisionConfig
 from parrot.model.tokenizer import Tokenizer
@@ -37,26 +37,9 @@ from parrot.training.config import TrainConfig
 from parrot.training.data import LlavaData
 from parrot.training.schedule import StepPlan
 
-QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que há na imagem?", "Resimde ne var?"]
-ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "
-
 
 def write_data(root: Path, n: int, seed: int = 0) -> Path:
-    """n samples, 3 in 4 with an image, answers of varied length (so batches carry padding)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    samples = []
-    for i in range(n):
-        answer = ANSWER * int(rng.integers(1, 6))
-        convs = [{"from": "human", "value": QUESTIONS[i % 4]}, {"from": "gpt", "value": answer}]
-        s = {"id": str(i), "conversations": convs}
-        if i % 4:
-            Image.fromarray((rng.random((96 + i, 128, 3)) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
-            s["image"] = f"{i}.png"
-            convs[0]["value"] = "<image>\n" + convs[0]["value"]
-        samples.append(s)
-    (root / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
-    return root / "data.json"
+    return write_training_data(root, n, max_repeats=5, seed=seed)
 
 
 def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:

@@ -164,7 +164,7 @@ def test_index_listing_a_missing_shard(tmp_path):
 def test_bad_inputs_to_logits(tiny_ckpt):
     m = parrot.load(tiny_ckpt)
     ids = m.encode_prompt("hi", True)
-    with pytest.raises(ParrotError, match="no pixels"):
+    with pytest.raises(ParrotError, match="no image was given"):
         m.logits(ids)
     with pytest.raises(ParrotError, match="more than one image"):
         m.logits(ids + [parrot.IMAGE_TOKEN_INDEX], m.preprocess(random_image(5, 5)))

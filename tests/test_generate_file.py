@@ -220,7 +220,7 @@ def test_duplicate_ids_and_other_whole_file_problems_raise(model, tmp_path):
 
 def test_a_request_failing_inside_a_batch_fails_alone(model, tmp_path, monkeypatch):
     """A ParrotError raised while a batch runs: its requests are retried one by one, only the bad one fails."""
-    import parrot.inference.answers as answers
+    import parrot.inference.batch as answers  # generate_each retries a failed batch one request at a time
 
     real = answers.generate_batch
 

@@ -1,4 +1,4 @@
-"""The MoE on both backends equals a float64 numpy version of ARCHITECTURE.md section 3."""
+"""The MoE on both backends equals a float64 numpy version of docs/architecture.md, "Model facts" (3)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _moe_float64(w: dict[str, np.ndarray], text: np.ndarray, hv: np.ndarray, n_experts: int, moe_weight: float):
-    """ARCHITECTURE.md section 3 in float64: routing from the CLS token over the text context."""
+    """docs/architecture.md, "Model facts" (3), in float64: routing from the CLS token over the text context."""
     C = hv.shape[-1]
     s = hv[0] @ text.T / np.sqrt(C)
     a = np.exp(s - s.max())

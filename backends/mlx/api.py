@@ -10,7 +10,6 @@ import numpy as np
 from parrot.api import ParrotModel
 from parrot.inference.generation import SamplingParams
 from parrot.model.checkpoint import Checkpoint
-from parrot.model.splice import plan_prompts
 from parrot.registry import BackendSpec
 from parrot.training.adapter import Adapter
 
@@ -56,10 +55,7 @@ class MLXParrot(ParrotModel):
 
     def batch_logits(self, batch: Sequence[tuple[Sequence[int], np.ndarray | None]],
                      padding_side: str = "right") -> list[np.ndarray]:
-        with_image = [i for i, (_, p) in enumerate(batch) if p is not None]
-        plan = plan_prompts([list(ids) for ids, _ in batch], self.num_visual_tokens if with_image else 0,
-                            padding_side)
-        feats = self.image_features(np.concatenate([batch[i][1] for i in with_image])) if with_image else None
+        plan, feats = self.plan_batch(batch, padding_side)
         embeds = self.model.splice(plan, feats)
         # right padding needs only the causal mask; left padding: BatchKVCache masks it and offsets positions
         pads = (plan.shape[1] - plan.lengths).tolist()

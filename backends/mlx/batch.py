@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from parrot.inference.generation import SamplingParams, advance_rows
 
-from .generate import PREFILL_STEP, Sampler, generation_stream
+from .generate import Sampler, generation_stream, prefill
 from .mlxlm import BatchKVCache, wired_limit
 
 
@@ -42,11 +42,7 @@ def generate_tokens_batch(
     counts = [0] * len(embeds)
     with wired_limit(model, [generation_stream]):
         with mx.stream(generation_stream):
-            while x.shape[1] > 1:
-                n = min(PREFILL_STEP, x.shape[1] - 1)
-                lm(None, cache=cache, input_embeddings=x[:, :n])
-                mx.eval([c.state for c in cache])
-                x = x[:, n:]
+            x = prefill(lm, cache, x)
             y = sample_rows(samplers, rows, lm(None, cache=cache, input_embeddings=x)[:, -1].astype(mx.float32))
         while True:
             step, keep = advance_rows(rows, y.tolist(), counts, params, stop)

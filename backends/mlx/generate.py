@@ -51,6 +51,17 @@ class Sampler:
         return mx.random.categorical(logits, key=keys[1])
 
 
+def prefill(lm, cache: list, embeds: mx.array) -> mx.array:
+    """Runs all but the last position of `embeds` [B, T, C] into the cache, in chunks of PREFILL_STEP whose
+    logits are never computed (only the cache is evaluated); returns the last position, [B, 1, C]."""
+    while embeds.shape[1] > 1:
+        n = min(PREFILL_STEP, embeds.shape[1] - 1)
+        lm(None, cache=cache, input_embeddings=embeds[:, :n])
+        mx.eval([c.state for c in cache])
+        embeds = embeds[:, n:]
+    return embeds
+
+
 def generate_tokens(model, embeds: mx.array, cache: list, params: SamplingParams) -> Iterator[int]:
     """Prefills `embeds` [1, T, C] after what `cache` holds, then yields up to max_tokens token ids.
 
@@ -66,12 +77,7 @@ def generate_tokens(model, embeds: mx.array, cache: list, params: SamplingParams
 
     with wired_limit(model, [generation_stream]):
         with mx.stream(generation_stream):
-            while embeds.shape[1] > 1:
-                n = min(PREFILL_STEP, embeds.shape[1] - 1)
-                lm(None, cache=cache, input_embeddings=embeds[:, :n])
-                mx.eval([c.state for c in cache])
-                embeds = embeds[:, n:]
-            y = step(None, embeds)
+            y = step(None, prefill(lm, cache, embeds))
         mx.async_eval(y)
         for n in range(params.max_tokens):
             if n + 1 < params.max_tokens:

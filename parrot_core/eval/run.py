@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ParrotError
-from ..inference.batch import Request, generate_batch
+from ..inference.batch import Request, generate_each
 from ..inference.generation import ImageCache, SamplingParams
 from .data import EvalDataset
 from .predictions import AnswerFile, cell, check_answers, output_columns
@@ -147,29 +147,18 @@ def _answer_chunk(model, ds: EvalDataset, chunk: list[int], params: SamplingPara
             ready.append((pos, query, Request(query, pixels.get(key), params, input_ids=ids)))
         except ParrotError as e:
             errors[key] = str(e)
-    answers = _generate(model, [r for _, _, r in ready], images)
+    answers = generate_each(model, [r for _, _, r in ready], images)
     cols = output_columns(ds)[:-1]  # DATA's columns; the prediction comes last
     records = []
     for (pos, query, _), result in zip(ready, answers):
-        if isinstance(result, str):
-            errors[ds.keys[pos]] = result
+        if isinstance(result, ParrotError):
+            errors[ds.keys[pos]] = str(result)
             continue
         text = model.tokenizer.decode(result.tokens, skip_special_tokens=True)
         row = ds.rows[pos]
         records.append([cell(row[c]) for c in cols] + [clean_answer(query, text)])
     return records
 
-
-def _generate(model, requests: list[Request], images: ImageCache) -> list:
-    """Results in order; when the batch fails on a bad request, each alone (its error as a string)."""
-    if not requests:
-        return []
-    try:
-        return generate_batch(model, requests, images)
-    except ParrotError as e:
-        if len(requests) == 1:
-            return [str(e)]
-    return [_generate(model, [r], images)[0] for r in requests]
 
 
 def merge_answers(ds: EvalDataset, out_dir: Path) -> int:

@@ -37,7 +37,7 @@ from ..errors import ParrotError
 from ..model.schema import MAX_DEPTH, too_deep
 from ..model.tokenizer import is_text
 from ..storage.fsutil import atomic_output_file, check_output
-from .batch import Request, generate_batch
+from .batch import Request, generate_each
 from .generation import GenerationResult, ImageCache, SamplingParams
 
 SETTINGS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
@@ -301,18 +301,7 @@ def _answer_chunk(model, chunk: list[InputRow], base: Path, defaults: dict, syst
             ready.append((row, Request(f["prompt"], image, params, f.get("system", system_default))))
         except ParrotError as e:
             out[row.line] = error_row(row, str(e))
-    for (row, _), result in zip(ready, _generate(model, [r for _, r in ready], images)):
-        out[row.line] = error_row(row, result["error"]) if isinstance(result, dict) else answer_row(row.id, result)
+    for (row, _), result in zip(ready, generate_each(model, [r for _, r in ready], images)):
+        out[row.line] = error_row(row, str(result)) if isinstance(result, ParrotError) else answer_row(row.id, result)
     return [out[row.line] for row in chunk]
 
-
-def _generate(model, requests: list[Request], images: ImageCache) -> list[GenerationResult | dict]:
-    """Results of a batch; if it fails on a bad request, each request alone (its error as {"error": ...})."""
-    if not requests:
-        return []
-    try:
-        return generate_batch(model, requests, images)
-    except ParrotError as e:
-        if len(requests) == 1:
-            return [{"error": str(e)}]
-    return [_generate(model, [r], images)[0] for r in requests]

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import IMAGE_TOKEN_INDEX
 from ..errors import ParrotError
+from ..model.prompt import check_image_placeholder
 from .detokenizer import StreamingDetokenizer
 from .generation import GenerationResult, ImageCache, SamplingParams, generate_stream
 
@@ -119,8 +119,7 @@ def _prepare(model, request: Request) -> _Row:
         ids = model.encode_prompt(request.prompt, pixels is not None, request.system)
     else:
         ids = list(request.input_ids)
-        if ids.count(IMAGE_TOKEN_INDEX) != (pixels is not None):
-            raise ParrotError("input_ids must hold one image placeholder (-200) exactly when an image is given")
+        check_image_placeholder(ids, pixels is not None)
     result = GenerationResult(seed=None if params.greedy else params.seed)
     return _Row(ids, pixels, params, result, StreamingDetokenizer(model.tokenizer))
 
@@ -134,3 +133,17 @@ def generate_many(
     images = images if images is not None else ImageCache(size=max(2, batch_size))
     for start in range(0, len(requests), batch_size):
         yield from generate_batch(model, requests[start:start + batch_size], images)
+
+
+def generate_each(model, requests: Sequence[Request], images: ImageCache | None = None
+                  ) -> list[GenerationResult | ParrotError]:
+    """Results of `requests` answered as one batch; when the batch fails on a bad request, each request
+    alone, so one bad request costs only its own answer (its error in its place)."""
+    if not requests:
+        return []
+    try:
+        return generate_batch(model, requests, images)
+    except ParrotError as e:
+        if len(requests) == 1:
+            return [e]
+    return [generate_each(model, [r], images)[0] for r in requests]

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..errors import ParrotError
+from ..model.prompt import check_image_placeholder
 from .detokenizer import StreamingDetokenizer
 
 
@@ -244,13 +245,7 @@ def generate_stream(
     for benchmarks). Bad settings and unusable images raise ParrotError here, before the stream starts."""
     t0 = time.perf_counter()
     params = (params or SamplingParams()).with_seed()
-    n_img = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
-    if n_img > 1:
-        raise ParrotError("the prompt holds more than one image placeholder; Parrot takes one image per conversation")
-    if n_img == 1 and image is None:
-        raise ParrotError("the prompt holds an image placeholder (<image>) but no image was given")
-    if n_img == 0 and image is not None:
-        raise ParrotError("an image was given but the prompt holds no image placeholder")
+    check_image_placeholder(input_ids, image is not None)
     model.reset_peak_memory()
     pixels = None if image is None else image if isinstance(image, np.ndarray) else model.preprocess(image)
     result = GenerationResult(seed=None if params.greedy else params.seed)

@@ -113,3 +113,15 @@ def build_inference_ids(
     """Token ids ending with the bare `<|im_start|>assistant\\n` header (official format_query)."""
     convs = inference_conversation(prompt, has_image, system, history)
     return format_conversation(tok, convs, generation_preface="").input_ids
+
+
+def check_image_placeholder(input_ids: list[int], has_image: bool) -> None:
+    """A prompt's ids hold one image placeholder (-200) exactly when an image comes with them."""
+    n = sum(1 for i in input_ids if i == IMAGE_TOKEN_INDEX)
+    if n > 1:
+        raise ParrotError("the prompt holds more than one image placeholder (-200); Parrot takes one image per "
+                          "conversation")
+    if n == 1 and not has_image:
+        raise ParrotError("the prompt holds an image placeholder (-200, <image>) but no image was given")
+    if n == 0 and has_image:
+        raise ParrotError("an image was given but the prompt holds no image placeholder (-200, <image>)")

@@ -80,6 +80,18 @@ def _image_settings(cfg: ParrotConfig, vision: VisionConfig, *dirs: Path | None)
     return s
 
 
+def _from_dir_or_known(cfg: ParrotConfig, name: str | None, d: Path | None,
+                       model_dir: Path | None) -> ResolvedTower | None:
+    """A tower from its directory `d` (config and preprocessor settings), else the built-in table's `name`."""
+    if d is not None:
+        vc = _read_clip_dir(d)
+        return ResolvedTower(vc, _image_settings(cfg, vc, d, model_dir), d, str(d))
+    if name in KNOWN_VISION_TOWERS:
+        vc = KNOWN_VISION_TOWERS[name]
+        return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
+    return None
+
+
 def resolve_vision_tower(
     cfg: ParrotConfig,
     model_dir: str | Path | None = None,
@@ -91,13 +103,8 @@ def resolve_vision_tower(
             vc = override if isinstance(override, VisionConfig) else VisionConfig.from_dict(override)
             return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, "override")
         name = str(override)
-        d = find_tower_dir(name, None)
-        if d is not None:
-            vc = _read_clip_dir(d)
-            return ResolvedTower(vc, _image_settings(cfg, vc, d, model_dir), d, str(d))
-        if name in KNOWN_VISION_TOWERS:
-            vc = KNOWN_VISION_TOWERS[name]
-            return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
+        if (tower := _from_dir_or_known(cfg, name, find_tower_dir(name, None), model_dir)) is not None:
+            return tower
         raise ParrotError(
             f"vision tower {_cut(name)!r}: not a directory with a CLIP config.json and not a known tower "
             f"({', '.join(KNOWN_VISION_TOWERS)})"
@@ -107,12 +114,8 @@ def resolve_vision_tower(
     if cfg.vision_config is not None:
         vc = cfg.vision_config
         return ResolvedTower(vc, _image_settings(cfg, vc, model_dir, d), d, "config.json vision_config")
-    if d is not None:
-        vc = _read_clip_dir(d)
-        return ResolvedTower(vc, _image_settings(cfg, vc, d, model_dir), d, str(d))
-    if name in KNOWN_VISION_TOWERS:
-        vc = KNOWN_VISION_TOWERS[name]
-        return ResolvedTower(vc, _image_settings(cfg, vc, model_dir), None, f"built-in {name}")
+    if (tower := _from_dir_or_known(cfg, name, d, model_dir)) is not None:
+        return tower
     where = f" (looked in {model_dir} and {Path.cwd()})" if model_dir else ""
     raise ParrotError(
         f"config.json: mm_vision_tower {_cut(name)!r} does not resolve: it is not a directory with a CLIP "

@@ -1,0 +1,43 @@
+"""Pieces the benchmark scripts share (they import it from their own folder): the machine's description
+and the synthetic LLaVA training data."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "O que há na imagem?", "Resimde ne var?"]
+ANSWER = "There is a red apple on a wooden table next to a cup of tea. The quick brown fox jumps over the lazy dog. "
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_training_data(root: Path, n: int, max_repeats: int, seed: int = 0) -> Path:
+    """n samples, 3 in 4 with an image, answers of 1..max_repeats sentences (so batches carry padding)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        convs = [{"from": "human", "value": QUESTIONS[i % 4]},
+                 {"from": "gpt", "value": ANSWER * int(rng.integers(1, max_repeats + 1))}]
+        s = {"id": str(i), "conversations": convs}
+        if i % 4:
+            Image.fromarray((rng.random((96 + i, 128, 3)) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+            s["image"] = f"{i}.png"
+            convs[0]["value"] = "<image>\n" + convs[0]["value"]
+        samples.append(s)
+    (root / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
+    return root / "data.json"
