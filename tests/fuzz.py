@@ -12,7 +12,7 @@ quotes it.
 
 Adding a loader: build its input from a valid example with `mutate_bytes` / `mutate_json` /
 `jsonl_lines`, then `@FUZZ(n) @given(cases())` and `only_parrot_errors("name", loader, ...)`.
-`tsv_input()` is ready for `parrot eval`'s VLMEvalKit TSV reader (not written yet).
+`tsv_input()` damages a VLMEvalKit TSV (tests/test_fuzz_eval.py).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def jsonl_lines(r: random.Random, rows: list[dict]) -> bytes:
     return b"\n".join(lines) + r.choice([b"", b"\n", b"\n\n"])
 
 
-# ---------------------------------------------------------------- TSV (for parrot eval, later)
+# ---------------------------------------------------------------- TSV (parrot eval)
 def tsv_table(rows: int = 3) -> bytes:
     """A small VLMEvalKit MCQ TSV (index, question, A-D, answer, category, image as base64)."""
     from PIL import Image
@@ -230,12 +230,5 @@ def tsv_table(rows: int = 3) -> bytes:
 
 
 def tsv_input(r: random.Random) -> bytes:
-    """A damaged VLMEvalKit TSV, for `parrot eval`'s reader once it exists, e.g.
-
-        @FUZZ(2000)
-        @given(cases())
-        def test_tsv_loader_raises_only_parrot_errors(tsv_dir, r):
-            path = write(tsv_dir / "MMMB_en.tsv", tsv_input(r))
-            only_parrot_errors("VLMEvalKit TSV", read_mcq_tsv, path)
-    """
+    """A damaged VLMEvalKit TSV (tests/test_fuzz_eval.py)."""
     return mutate_bytes(r, tsv_table())

@@ -126,7 +126,7 @@ def test_cli_scores_predictions_and_refuses_bad_input(tmp_path):
     assert p.returncode == 0 and "40.00" in p.stdout
     assert "1 rows of DATA are faulty" in p.stderr and "index 3: answer 'E' is not one of its options" in p.stderr
     assert_clean_failure(run_parrot("eval", src.path, "--predictions", tsv, "--output", src.path.parent),
-                         "would overwrite the input")
+                         "contains the DATA")
     assert_clean_failure(run_parrot("eval", src.path, "--predictions", tsv, "--model", "x", "-o", tmp_path / "o"),
                          "--model", "--predictions")
     assert_clean_failure(run_parrot("eval", tmp_path / "nope.tsv", "--predictions", tsv, "-o", tmp_path / "o"),

@@ -139,5 +139,5 @@ def test_cli_bad_input_fails_before_loading(tmp_path, backend):
     good = write_tsv(tmp_path / "good.tsv", mcq_rows(2))
     (tmp_path / "model").mkdir()
     p = run_parrot("eval", good, "--model", tmp_path / "model", "--backend", backend, "-o", tmp_path / "model" / "ev")
-    assert_clean_failure(p, "is inside the input")
+    assert_clean_failure(p, "lies inside the --model")
     assert not (tmp_path / "o").exists() and not (tmp_path / "model" / "ev").exists()

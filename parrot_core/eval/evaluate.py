@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParrotError
+from ..storage.fsutil import check_output
 from .data import EvalDataset, index_key, read_dataset
 from .predictions import SUFFIXES, AnswerFile, cell, output_columns, read_predictions, scored_rows, split_collection
 from .report import (
@@ -35,24 +36,6 @@ class EvalSettings:
     limit: int | None = None  # the first N questions of each dataset (with their rotations when circular)
     max_tokens: int = 512
     progress: bool = True
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def check_output(out_dir: Path, names: Sequence[str], inputs: Sequence[Path]) -> None:
-    """Refuses an output that is a file, is or lies inside an input folder, or would overwrite an input."""
-    out = out_dir.resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ParrotError(f"--output {out_dir}: exists and is not a directory")
-    ours = {f"{n}{s}" for n in names for s in (".tsv", "_acc.csv", "_result.tsv")} | {"summary.json", "summary.png"}
-    for p in inputs:
-        r = p.resolve()
-        if p.is_dir() and _inside(out, r):
-            raise ParrotError(f"--output {out_dir} is inside the input {p}; choose a directory outside it")
-        if r.parent == out and r.name in ours:
-            raise ParrotError(f"--output {out_dir} would overwrite the input {p}; choose another directory")
 
 
 def match_predictions(datasets: Sequence[EvalDataset], files: Sequence[Path]) -> dict[str, tuple[Path, Any]]:
@@ -128,10 +111,12 @@ def evaluate(
     if (model is None and load_model is None) == (predictions is None):
         raise ParrotError("give a model to answer the questions, or prediction files to score (not both)")
     pred_files = [Path(p).expanduser() for p in predictions or []]
-    inputs = [s.path for s in sources] + pred_files
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ParrotError(f"--output {out_dir}: exists and is not a directory")
+    inputs = [("DATA", s.path) for s in sources] + [("--predictions", p) for p in pred_files]
     if model_dir is not None and Path(model_dir).is_dir():
-        inputs.append(Path(model_dir))
-    check_output(out_dir, [s.name for s in sources], inputs)
+        inputs.append(("--model", Path(model_dir)))
+    check_output(out_dir, inputs, name="--output")
     datasets = [read_dataset(s, need_images=predictions is None) for s in sources]
     summary = read_summary(out_dir) if out_dir.exists() else {"datasets": {}}
     scored_files: dict[str, tuple[Path, list, list]] = {}
