@@ -129,3 +129,25 @@ def test_cached_decoding_matches_full_forward(tiny_ckpt, backend):
     for k, got in enumerate(step_logits):
         assert np.abs(full[T - 1 + k] - got).max() <= 1e-4
     assert len(set(tokens)) > 1  # a real sequence, not one repeated token
+
+
+@requires_torch
+@requires_mlx
+@pytest.mark.parametrize("key", ["type", "rope_type"])
+def test_linear_rope_scaling_means_the_same_on_both_backends(tmp_path, key):
+    """A config's rope_scaling {"type": "linear", "factor": 2} (the older key) scales RoPE on torch as on MLX."""
+    import json
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m", seed=5)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["rope_scaling"] = {key: "linear", "factor": 2.0}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    image = random_image(30, 30)
+    outs = {}
+    for backend in ("cpu", "mlx"):
+        m = parrot.load(ckpt, backend=backend)
+        outs[backend] = m.logits(m.encode_prompt("Resimde ne var? " * 3, True), m.preprocess(image))
+    assert np.abs(outs["cpu"] - outs["mlx"]).max() < 1e-4
+    plain = parrot.load(write_tiny_checkpoint(tmp_path / "plain", seed=5), backend="cpu")
+    unscaled = plain.logits(plain.encode_prompt("Resimde ne var? " * 3, True), plain.preprocess(image))
+    assert np.abs(unscaled - outs["cpu"]).max() > 1e-3  # the scaling is applied

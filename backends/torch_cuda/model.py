@@ -24,12 +24,19 @@ from parrot.model.splice import SplicePlan, plan_splice
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
+def _rope_type(rope_scaling: dict | None) -> str:
+    """The scaling's type under either key: transformers writes `rope_type`, older configs `type` (mlx-lm
+    reads `type` first)."""
+    r = rope_scaling or {}
+    return r.get("rope_type") or r.get("type") or "default"
+
+
 def qwen2_config(cfg: ParrotConfig) -> Qwen2Config:
     d = cfg.llm_dict()
     d.pop("model_type")
     rope_scaling = d.pop("rope_scaling")
     qc = Qwen2Config(**d, use_sliding_window=False)
-    qc.rope_parameters = {**(rope_scaling or {}), "rope_type": (rope_scaling or {}).get("rope_type", "default"),
+    qc.rope_parameters = {**(rope_scaling or {}), "rope_type": _rope_type(rope_scaling),
                           "rope_theta": cfg.rope_theta}
     qc._attn_implementation = "sdpa"
     return qc
