@@ -21,6 +21,7 @@ import base64
 import io
 import json
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -42,7 +43,10 @@ NOTES: Counter[str] = Counter()  # other figures a fuzz test reports (printed as
 
 
 def FUZZ(max_examples: int):  # noqa: N802  (a decorator, named like hypothesis' own)
-    """Reproducible hypothesis settings for a fuzz test of `max_examples` cases."""
+    """Reproducible hypothesis settings for a fuzz test of `max_examples` cases (a tenth under
+    PARROT_QUICK=1, `make test-quick`'s setting; the full suite runs them all)."""
+    if os.environ.get("PARROT_QUICK") == "1":
+        max_examples = max(20, max_examples // 10)
     return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 

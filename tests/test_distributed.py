@@ -29,7 +29,7 @@ from train_helpers import read_losses
 from conftest import requires_mlx, requires_torch, run_parrot
 from parrot.storage.safetensors_io import CheckpointFiles
 
-pytestmark = requires_torch
+pytestmark = [requires_torch, pytest.mark.slow]  # every test here launches torchrun / DeepSpeed
 requires_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                         reason="DeepSpeed is not installed (pip install 'parrot-vlm[deepspeed]')")
 ZERO2, ZERO3 = (pytest.param(z, marks=requires_deepspeed) for z in ("zero2", "zero3"))
@@ -142,7 +142,6 @@ def test_fsdp_run_killed_then_resumed_in_one_process(runs, tiny_ckpt, data, tmp_
     _close_weights(_weights(out), _weights(full))
 
 
-@pytest.mark.slow
 @requires_deepspeed
 def test_deepspeed_run_killed_then_resumed_reproduces_the_losses(runs, tiny_ckpt, data, tmp_path):
     full, _ = runs("zero3")
@@ -157,7 +156,6 @@ def test_deepspeed_run_killed_then_resumed_reproduces_the_losses(runs, tiny_ckpt
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [ZERO2, ZERO3])
 def test_deepspeed_checkpoint_of_two_processes_resumes_in_one(runs, tiny_ckpt, data, tmp_path, strategy):
     """Master weights and Adam moments consolidated from the 2-rank ZeRO files, set into 1 rank's."""

@@ -35,6 +35,7 @@ def test_deepspeed_and_fsdp_together_are_refused(tmp_path, tiny_ckpt, dataset):
     assert_clean_failure(_train(tiny_ckpt, dataset, tmp_path / "o", "--fsdp", "--deepspeed", ZERO2), "choose one")
 
 
+@pytest.mark.slow  # runs DeepSpeed
 def test_bad_deepspeed_configs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
     bad = tmp_path / "bad.json"
     bad.write_text('{"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}')
@@ -48,6 +49,7 @@ def test_bad_deepspeed_configs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
                          "fp16 needs CUDA")
 
 
+@pytest.mark.slow  # runs DeepSpeed
 def test_resume_under_another_sharding_is_refused(tmp_path, tiny_ckpt, dataset):
     out = tmp_path / "run"
     first = _train(tiny_ckpt, dataset, out, "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--fsdp")

@@ -19,9 +19,9 @@ from parrot.model.config import ParrotConfig
 from parrot.model.image import ImageSettings, preprocess
 from parrot.model.schema import PARROT_CONFIG, PREPROCESSOR, TRAIN_CONFIG, VISION_CONFIG
 from parrot.storage.safetensors_io import save_file
-from parrot.training import _check_resume
 from parrot.training.adapter import read_adapter
 from parrot.training.config import TrainConfig
+from parrot.training.prepare import _check_resume
 
 TOWER = "clip-vit-tiny"
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (9, 13, 3), dtype=np.uint8))

@@ -95,10 +95,12 @@ def test_found_crashes_are_dropped_with_a_reason(llava, tmp_path):
         {"id": "long", "image": "a" * 5000, "conversations": [{"from": "human", "value": "<image>"},
                                                               {"from": "gpt", "value": "x"}]},
     ]
+    pictured = {"id": "pic", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                                    {"from": "gpt", "value": "Hello"}]}
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([good, *bad]))
+    path.write_text(json.dumps([good, pictured, *bad]))  # one usable image: a data set whose images all fail is refused
     data = LlavaData(path, root, tok, ImageSettings.clip_defaults(SIZE), SIZE + 1, max_length=160)
-    assert [s.id for s in data.samples] == ["ok"]
+    assert [s.id for s in data.samples] == ["ok", "pic"]
     dropped = {it["id"]: reason for reason, items in data.report.dropped.items() for it in items}
     assert dropped == {"role": "empty or malformed conversations", "surrogate": "empty or malformed conversations",
                        "long": "image not found"}

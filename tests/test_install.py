@@ -33,6 +33,8 @@ from parrot.cli.repl import printable
 from parrot.errors import ParrotError
 from parrot.training.ds_config import read_ds_config
 
+pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh venv (make test runs it)
+
 # source folder -> its package in the wheel (pyproject's [tool.setuptools.package-dir])
 PACKAGE_DIRS = {"parrot_core": "parrot", "backends": "parrot/backends", "convert": "parrot/convert",
                 "cli": "parrot/cli", "configs": "parrot/configs"}
