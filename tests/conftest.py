@@ -66,6 +66,28 @@ def run_parrot(*args: str, input: str | None = None, timeout: float = 300, env: 
     )
 
 
+def run_parrot_here(*args: str) -> subprocess.CompletedProcess:
+    """The `parrot` CLI in this process (no interpreter start-up, no torch import per call): for the many
+    error cases. An exception that escapes `main` is reported as a traceback, as a real process would."""
+    import contextlib
+    import io
+    import traceback
+
+    from parrot.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001  (what a process would print before dying)
+            err.write(traceback.format_exc())
+            code = 1
+    return subprocess.CompletedProcess(["parrot", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Non-zero exit, one clear message containing every needle, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

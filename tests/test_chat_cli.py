@@ -16,6 +16,7 @@ from conftest import (
     requires_mlx,
     requires_torch,
     run_parrot,
+    run_parrot_here,
     without_packages,
 )
 from parrot.cli.repl import printable
@@ -126,7 +127,7 @@ def test_chat_cuda_backend_without_a_gpu(tiny_ckpt, images):
 def test_chat_invalid_model_directory(make, needle, tmp_path, images):
     model_dir = make(tmp_path)
     backend = "cpu" if HAS_TORCH else "mlx"
-    proc = run_parrot("chat", "--backend", backend, "--model", model_dir, images[0], "--prompt", "hi")
+    proc = run_parrot_here("chat", "--backend", backend, "--model", model_dir, images[0], "--prompt", "hi")
     assert_clean_failure(proc, needle)
 
 

@@ -13,7 +13,16 @@ import time
 import pytest
 
 import parrot
-from conftest import BACKENDS, HAS_MLX, assert_clean_failure, random_image, requires_mlx, requires_torch, run_parrot
+from conftest import (
+    BACKENDS,
+    HAS_MLX,
+    assert_clean_failure,
+    random_image,
+    requires_mlx,
+    requires_torch,
+    run_parrot,
+    run_parrot_here,
+)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny torch models on a shared 2-core machine
 NUMBER = r"(\d+\.\d{3})"
@@ -87,21 +96,21 @@ def test_generate_command_errors_are_clean(tiny_ckpt, tmp_path):
     inp, _ = write_requests(tmp_path, 2)
     out = tmp_path / "answers.jsonl"
     base = ("generate", "--backend", "cpu", "--model", tiny_ckpt)
-    assert_clean_failure(run_parrot(*base, "-i", tmp_path / "nope.jsonl", "-o", out), "nope.jsonl", "not found")
-    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--batch-size", "0"), "--batch-size must be >= 1")
-    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--temp", "-1"), "--temp must be")
-    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--top-p", "2"), "--top-p must be")
-    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", out, "--image-dir", tmp_path / "none"),
+    assert_clean_failure(run_parrot_here(*base, "-i", tmp_path / "nope.jsonl", "-o", out), "nope.jsonl", "not found")
+    assert_clean_failure(run_parrot_here(*base, "-i", inp, "-o", out, "--batch-size", "0"), "--batch-size must be >= 1")
+    assert_clean_failure(run_parrot_here(*base, "-i", inp, "-o", out, "--temp", "-1"), "--temp must be")
+    assert_clean_failure(run_parrot_here(*base, "-i", inp, "-o", out, "--top-p", "2"), "--top-p must be")
+    assert_clean_failure(run_parrot_here(*base, "-i", inp, "-o", out, "--image-dir", tmp_path / "none"),
                          "image directory not found")
-    assert_clean_failure(run_parrot(*base, "-o", out), "Missing option", "--input")
+    assert_clean_failure(run_parrot_here(*base, "-o", out), "Missing option", "--input")
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
-    assert_clean_failure(run_parrot(*base, "-i", dup, "-o", out), "id 'a' is used on lines 1 and 2")
+    assert_clean_failure(run_parrot_here(*base, "-i", dup, "-o", out), "id 'a' is used on lines 1 and 2")
     foreign = tmp_path / "notes.txt"
     foreign.write_text("my notes\n")
-    assert_clean_failure(run_parrot(*base, "-i", inp, "-o", foreign), "not an answer row")
-    assert_clean_failure(run_parrot("generate", "--backend", "cpu", "--model", tmp_path / "nomodel", "-i", inp,
-                                    "-o", out, env=ONE_THREAD), "nomodel")
+    assert_clean_failure(run_parrot_here(*base, "-i", inp, "-o", foreign), "not an answer row")
+    assert_clean_failure(run_parrot_here("generate", "--backend", "cpu", "--model", tmp_path / "nomodel", "-i", inp,
+                                    "-o", out), "nomodel")
     assert not out.exists()
 
 
@@ -136,12 +145,12 @@ def test_bench_prints_mlx_lm_style_report(backend, tiny_ckpt):
 @requires_torch
 def test_bench_command_errors_are_clean(tiny_ckpt, tmp_path):
     base = ("bench", "--backend", "cpu", "--model", tiny_ckpt)
-    assert_clean_failure(run_parrot(*base, "-p", "0"), "--prompt-tokens must be >= 1")
-    assert_clean_failure(run_parrot(*base, "--image", tmp_path / "none.png"), "image not found")
+    assert_clean_failure(run_parrot_here(*base, "-p", "0"), "--prompt-tokens must be >= 1")
+    assert_clean_failure(run_parrot_here(*base, "--image", tmp_path / "none.png"), "image not found")
     (tmp_path / "notes.txt").write_text("not an image")
-    assert_clean_failure(run_parrot(*base, "--image", tmp_path / "notes.txt"), "not an image")
-    assert_clean_failure(run_parrot(*base, "--image", tmp_path / "notes.txt", "--no-image"), "exclude each other")
-    assert_clean_failure(run_parrot("bench", "--backend", "cpu"), "Missing option", "--model")
+    assert_clean_failure(run_parrot_here(*base, "--image", tmp_path / "notes.txt"), "not an image")
+    assert_clean_failure(run_parrot_here(*base, "--image", tmp_path / "notes.txt", "--no-image"), "exclude each other")
+    assert_clean_failure(run_parrot_here("bench", "--backend", "cpu"), "Missing option", "--model")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

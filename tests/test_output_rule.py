@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean_failure, requires_torch, run_parrot
+from conftest import assert_clean_failure, requires_torch, run_parrot, run_parrot_here
 from parrot.errors import ParrotError
 from parrot.storage.fsutil import check_output, overlap
 
@@ -104,13 +104,13 @@ def test_train_resume_into_a_folder_that_is_not_a_run_is_refused(tiny_ckpt, tmp_
     (mine / "thesis.tex").write_text("years of work")
     base = ["train", "--backend", "cpu", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--image-dir", images,
             "--num-workers", "0", "--max-steps", "1"]
-    proc = run_parrot(*base, "--output", mine, "--resume")
+    proc = run_parrot_here(*base, "--output", mine, "--resume")
     assert_clean_failure(proc, str(mine), "not a parrot train run directory")
     assert snapshot(mine) == {"thesis.tex": b"years of work"}
     inside = Path(tiny_ckpt) / "run"
-    assert_clean_failure(run_parrot(*base, "--output", inside), "lies inside the --model")
+    assert_clean_failure(run_parrot_here(*base, "--output", inside), "lies inside the --model")
     assert not inside.exists()
-    assert_clean_failure(run_parrot(*base, "--output", tmp_path / "d"), "contains the --data")
+    assert_clean_failure(run_parrot_here(*base, "--output", tmp_path / "d"), "contains the --data")
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])

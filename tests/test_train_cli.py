@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from train_helpers import read_losses, write_dataset
 
-from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot
+from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot, run_parrot_here
 from parrot.storage.safetensors_io import CheckpointFiles
 from parrot.testing import write_tiny_clip, write_tiny_llm
 
@@ -175,4 +175,4 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
 
             if torch.cuda.is_available():
                 continue
-        assert_clean_failure(run_parrot(*args), *needles)
+        assert_clean_failure(run_parrot_here(*args), *needles)
