@@ -6,7 +6,22 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: test test-quick install lint format clean
+.PHONY: test test-quick install demo lint format clean
+
+# `make demo`: installs what the demo needs (MLX on Apple silicon, else the CPU build of torch) and runs
+# `parrot demo`: the small Parrot shipped in the package answers questions about pictures in six languages
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/parrot demo
+
+$(VENV)/.demo-installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ "$$(uname -s)-$$(uname -m)" = "Darwin-arm64" ]; then $(PY) -m pip install -q -e ".[mlx]"; \
+	elif $(PY) -c "import torch" 2>/dev/null; then $(PY) -m pip install -q -e ".[torch]"; \
+	else $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" \
+	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	  $(PY) -m pip install -q -e ".[torch]"; fi
+	touch $@
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

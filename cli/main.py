@@ -14,11 +14,13 @@ from parrot.errors import ParrotError
 
 # command name -> (module, function, one-line help)
 COMMANDS = {
+    "demo": ("parrot.cli.demo", "demo", "The shipped demo Parrot answers about pictures in six languages."),
     "chat": ("parrot.cli.chat", "chat", "Chat about an image (streamed answers; interactive or --prompt)."),
     "convert": ("parrot.cli.convert", "convert", "Convert between official, MLX (quantized), DeepSpeed/DCP layouts."),
     "train": ("parrot.cli.train", "train", "Train stage 1 / stage 2 (torch: cpu/cuda, DeepSpeed, FSDP2; mlx)."),
     "generate": ("parrot.cli.generate", "generate", "Answer a JSONL file of (image, prompt) requests, resumably."),
     "bench": ("parrot.cli.bench", "bench", "Measure prompt/generation tokens per second and peak memory."),
+    "inspect": ("parrot.cli.inspect", "inspect", "Look inside a model: the MoE's routing weights per language."),
     "eval": ("parrot.cli.eval", "eval_command", "Evaluate on MMMB / multilingual MMBench, scored as VLMEvalKit does."),
 }
 

@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(stage1=3000, stage2=24000, heldout=240, steps1=150, steps2=3000, batch=16, vocab=1400,
-            hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, moe_intermediate=128,
-            vision_hidden=96, vision_layers=3, vision_heads=4, image_size=64, patch=8)
+FULL = dict(stage1=3000, stage2=24000, heldout=240, steps1=100, steps2=1500, batch=16, vocab=1400, lr2=2e-3,
+            hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, moe_intermediate=96,
+            vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8)
 QUICK = dict(FULL, stage1=300, stage2=3000, heldout=24, steps1=20, steps2=300, vocab=900, hidden=96,
              layers=2, intermediate=256, moe_intermediate=64, vision_hidden=64, vision_layers=2, image_size=48)
 
@@ -133,17 +133,17 @@ def main() -> None:
     ap.add_argument("--no-moe", action="store_true", help="stage 2 without the MoE (the ablation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps2", type=int, help="stage 2 optimizer steps (default: the preset's)")
-    ap.add_argument("--data", type=Path, help="reuse this data/tokenizer/initial-model folder (a previous run's)")
+    ap.add_argument("--data", type=Path, help="reuse the data and tokenizer of this earlier run's OUTPUT folder")
     ap.add_argument("--backends", default="cpu,mlx", help="where to evaluate (mlx only when importable)")
     args = ap.parse_args()
     s = dict(QUICK if args.quick else FULL)
     if args.steps2:
         s["steps2"] = args.steps2
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster than 2 threads next to the data worker
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     base = args.data or out
-    data, tok_dir, llm, tower = base / "data", base / "tokenizer", base / "qwen2-init", base / "clip-init"
+    data, tok_dir, llm, tower = base / "data", base / "tokenizer", out / "qwen2-init", out / "clip-init"
     t0 = time.time()
     if args.data is None:
         from parrot.demo.data import build, corpus
@@ -152,9 +152,12 @@ def main() -> None:
         counts = build(data, n_stage1=s["stage1"], n_stage2=s["stage2"], n_heldout=s["heldout"], seed=args.seed)
         log(f"  {counts}")
         log("2. BPE tokenizer on the training texts")
-        n_tok = write_tokenizer(corpus(data), tok_dir, s["vocab"])
-        log(f"  {n_tok} tokens")
-        log("3. new tiny Qwen2 LLM and CLIP tower (default init)")
+        write_tokenizer(corpus(data), tok_dir, s["vocab"])
+    if not (llm / "config.json").is_file():
+        from parrot.model.tokenizer import Tokenizer
+
+        n_tok = Tokenizer.from_dir(tok_dir).vocab_size
+        log(f"3. new tiny Qwen2 LLM and CLIP tower (default init), {n_tok} tokens")
         new_llm(llm, n_tok, s, args.seed)
         for f in tok_dir.iterdir():
             (llm / f.name).write_bytes(f.read_bytes())
@@ -167,7 +170,7 @@ def main() -> None:
            "--moe-intermediate-size", s["moe_intermediate"], *common)
     parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage2.json",
            "--image-dir", data / "images", "--output", s2,
-           "--lr", "1.5e-3", "--max-steps", s["steps2"], "--train-vision", *(["--no-moe"] if args.no_moe else []),
+           "--lr", s["lr2"], "--max-steps", s["steps2"], "--train-vision", *(["--no-moe"] if args.no_moe else []),
            *common)
     final = out / "model"
     parrot("convert", s2, final, "--to", "hf", "--dtype", "float16")

@@ -32,10 +32,26 @@ def download(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
         ) from None
 
 
+DEMO_NAME = "demo"
+
+
+def demo_model_dir() -> Path:
+    """The demo Parrot shipped inside the package (scripts/make_demo.py made it)."""
+    return Path(__file__).resolve().parent.parent / "demo" / "model"
+
+
 def resolve_model_path(path: str | Path) -> Path:
+    """A local directory as is; `demo` (when no such directory exists here): the bundled demo model; a hub id:
+    downloaded (or found in the hub cache)."""
     p = Path(path)
     if p.exists():
         return p
+    if str(path) == DEMO_NAME:
+        d = demo_model_dir()
+        if not (d / "config.json").is_file():
+            raise ParrotError(f"the demo model is not installed ({d} is missing); reinstall parrot-vlm, or rebuild "
+                              "it with `python scripts/make_demo.py --output runs/demo`")
+        return d
     if is_hub_id(str(path)):
         return download(str(path))
     raise ParrotError(f"{path}: model directory not found")

@@ -1,0 +1,87 @@
+"""The demo Parrot shipped in the package: `--model demo` resolves offline, both backends load it and compute
+the same logits, and it answers held-out questions (new paraphrases, colour/shape pairs absent from training)
+about the bundled images correctly in the six languages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import parrot
+from conftest import BACKENDS, requires_mlx, requires_torch, run_parrot_here
+from parrot.demo import phrases as P
+from parrot.demo.showcase import IMAGE_DIR, bundled_images
+from parrot.storage.hub import demo_model_dir, resolve_model_path
+
+# (image, language, question type, words the answer must contain)
+CASES = [
+    ("red_star_left", "ru", "colour", "красного"),
+    ("red_star_left", "en", "shape", "star"),
+    ("blue_circle_top", "zh", "shape", "圆形"),
+    ("blue_circle_top", "ar", "position", "الأعلى"),
+    ("yellow_square_right", "pt", "position", "à direita"),
+    ("yellow_square_right", "tr", "colour", "Sarı"),
+    ("green_triangle_bottom", "ar", "colour", "أخضر"),
+    ("green_triangle_bottom", "ru", "position", "снизу"),
+    ("three_shapes", "tr", "count", "üç"),
+    ("two_shapes", "en", "count", "two"),
+    ("two_shapes", "zh", "count", "两"),
+    ("three_shapes", "pt", "count", "três"),
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def demo(request):
+    return parrot.load("demo", backend=request.param, dtype="float32")
+
+
+def test_demo_resolves_to_the_bundled_model_unless_a_local_directory_is_called_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("demo") == demo_model_dir()
+    assert (demo_model_dir() / "model.safetensors").stat().st_size < 25 * 1024**2
+    (tmp_path / "demo").mkdir()
+    assert resolve_model_path("demo").resolve() == (tmp_path / "demo").resolve()
+
+
+@requires_torch
+@requires_mlx
+def test_demo_logits_match_across_backends():
+    image = IMAGE_DIR / "red_star_left.png"
+    question = P.QUESTIONS["ar"]["colour"][-1]
+    out = []
+    for backend in ("cpu", "mlx"):
+        m = parrot.load("demo", backend=backend, dtype="float32")
+        ids = m.encode_prompt(question, has_image=True)
+        out.append(m.logits(ids, m.preprocess(image)))  # [T, V], visual tokens included
+    a, b = (np.asarray(x, np.float64) for x in out)
+    assert a.shape == b.shape and a.shape[-1] >= 1000
+    np.testing.assert_allclose(a, b, atol=2e-3, rtol=0)
+    assert np.array_equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize(("image", "lang", "qtype", "expected"), CASES)
+def test_demo_answers_heldout_questions(demo, image, lang, qtype, expected):
+    question = P.QUESTIONS[lang][qtype][-1]  # the held-out paraphrase
+    answer = demo.generate(question, IMAGE_DIR / f"{image}.png", max_tokens=24).text
+    assert expected.lower() in answer.lower(), (question, answer)
+
+
+def test_parrot_demo_shows_every_bundled_image_and_six_languages():
+    proc = run_parrot_here("demo", "--backend", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    for p in bundled_images():
+        assert p.name in proc.stdout
+    for lang in P.LANGS:
+        assert f"  {lang}  " in proc.stdout
+    assert "红色" in proc.stdout or "星形" in proc.stdout or "圆形" in proc.stdout
+
+
+def test_parrot_demo_asks_about_ones_own_image_and_refuses_a_missing_one(tmp_path):
+    from PIL import Image
+
+    Image.open(IMAGE_DIR / "yellow_square_right.png").save(tmp_path / "mine.jpg")
+    proc = run_parrot_here("demo", "--backend", "cpu", "--image", str(tmp_path / "mine.jpg"))
+    assert proc.returncode == 0, proc.stderr
+    assert "mine.jpg" in proc.stdout and "red_star_left.png" not in proc.stdout
+    bad = run_parrot_here("demo", "--backend", "cpu", "--image", str(tmp_path / "nope.png"))
+    assert bad.returncode != 0 and "nope.png" in bad.stdout + bad.stderr
