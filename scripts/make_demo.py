@@ -8,12 +8,14 @@ Steps (each prints its wall time; all seeded):
 1. data: `parrot.demo.data.build` (shapes images; English captions; six-language instructions; held-out TSVs);
 2. tokenizer: byte-level BPE trained with `tokenizers` on the training texts, ChatML special tokens;
 3. a new tiny Qwen2 LLM (transformers' Qwen2ForCausalLM at its default init) and a new tiny CLIP vision
-   tower (CLIPVisionModel at its default init): nothing is pre-trained, nothing is downloaded;
-4. `parrot train --stage 1 --llm --vision-tower` on the captions (projector; with --train-vision the tower);
-5. `parrot train --stage 2 --model <stage 1> --train-vision` on the instructions (projector, MoE, LLM, tower);
-6. `parrot convert` to the final float16 official layout (the shipped model) and `parrot eval` on the
-   held-out TSVs on cpu (and mlx when installed);
-7. loss curves (matplotlib) from both stages' metrics.jsonl into OUTPUT/loss.png.
+   tower: nothing is downloaded;
+4. the tower pre-trained contrastively (CLIP's loss, transformers' CLIPModel with a small text encoder) on the
+   stage-1 image-caption pairs;
+5. `parrot train --stage 1 --llm --vision-tower` on the captions (the projector; tower and LLM frozen);
+6. `parrot train --stage 2 --model <stage 1>` on the instructions (projector, MoE and LLM; tower frozen, as in
+   the paper), or `--no-moe` for the ablation;
+7. `parrot convert` to the final float16 official layout (the shipped model), `parrot eval` on the held-out
+   TSVs on cpu (and mlx when installed), loss curves (matplotlib) into OUTPUT/loss.png.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,10 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(stage1=3000, stage2=24000, heldout=240, steps1=100, steps2=1500, batch=16, vocab=1400, lr2=2e-3,
+FULL = dict(stage1=6000, stage2=24000, heldout=240, steps1=100, steps2=3000, batch=16, vocab=1400, lr2=2e-3,
             hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, moe_intermediate=96,
-            vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8)
-QUICK = dict(FULL, stage1=300, stage2=3000, heldout=24, steps1=20, steps2=300, vocab=900, hidden=96,
+            vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8,
+            clip_steps=600, clip_batch=128, clip_lr=2e-3)
+QUICK = dict(FULL, clip_steps=150, stage1=600, stage2=3000, heldout=24, steps1=20, steps2=300, vocab=900, hidden=96,
              layers=2, intermediate=256, moe_intermediate=64, vision_hidden=64, vision_layers=2, image_size=48)
 
 
@@ -107,6 +111,82 @@ def new_tower(directory: Path, s: dict, seed: int) -> None:
     ImageSettings.clip_defaults(s["image_size"]).save(directory)
 
 
+def pretrain_tower(data: Path, tok_dir: Path, directory: Path, s: dict, seed: int) -> list[float]:
+    """Contrastive pre-training (CLIP's loss, transformers' CLIPModel) of the tower on the stage-1 image-caption
+    pairs, with a small text encoder over the demo's tokenizer; saves the vision half. Returns the loss curve."""
+    import numpy as np
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+
+    from parrot.model.image import ImageSettings, preprocess
+    from parrot.model.tokenizer import Tokenizer
+
+    torch.manual_seed(seed)
+    tok = Tokenizer.from_dir(tok_dir)
+    eos, pad = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    pairs = [(x["image"], x["conversations"][1]["value"]) for x in json.loads((data / "stage1.json").read_text())]
+    settings = ImageSettings.clip_defaults(s["image_size"])
+    pixels = torch.from_numpy(np.concatenate([preprocess(data / "images" / im, settings) for im, _ in pairs]))
+    ids = [tok.encode(c)[:30] + [eos] for _, c in pairs]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
+    vision = CLIPVisionModel.from_pretrained(directory).config
+    text = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=width, eos_token_id=eos, pad_token_id=pad,
+                          projection_dim=64)
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64))
+    opt = torch.optim.AdamW(clip.parameters(), lr=s["clip_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["clip_lr"], total_steps=s["clip_steps"], pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    losses, t = [], time.time()
+    for step in range(s["clip_steps"]):
+        b = torch.randint(0, len(pairs), (s["clip_batch"],), generator=g)
+        loss = clip(input_ids=input_ids[b], attention_mask=mask[b], pixel_values=pixels[b], return_loss=True).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            rate = (step + 1) / (time.time() - t)
+            log(f"  contrastive step {step + 1}/{s['clip_steps']}: loss {np.mean(losses[-50:]):.3f} "
+                f"({rate:.1f} step/s, ETA {(s['clip_steps'] - step - 1) / rate:.0f} s)")
+    clip.vision_model.save_pretrained(directory, safe_serialization=True)  # a CLIPVisionModel
+    (directory.parent / "clip-pretrain-metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
+    return losses
+
+
+def scale_tower(directory: Path, data: Path, s: dict, target_rms: float = 0.2) -> float:
+    """Rescales the tower's residual stream so the features Parrot takes (hidden_states[-2]) have RMS `target_rms`,
+    near the LLM's embedding scale: pre_layrnorm and every block's out_proj / fc2 are multiplied by one factor.
+    Every LayerNorm inside CLIP is scale-invariant, so this is an exact reparametrization (the tower's normalized
+    outputs do not change). Why: the MoE's SwiGLU experts are quadratic in their input; on features of RMS ~2 their
+    image-independent part swamps the visual tokens and the LLM learns to ignore the image. Returns the factor."""
+    import numpy as np
+    import torch
+    from transformers import CLIPVisionModel
+
+    from parrot.model.image import ImageSettings, preprocess
+
+    tower = CLIPVisionModel.from_pretrained(directory).eval()
+    images = sorted((data / "images").glob("s1_*"))[:64]
+    pixels = torch.from_numpy(np.concatenate([preprocess(p, ImageSettings.clip_defaults(s["image_size"]))
+                                              for p in images]))
+    with torch.no_grad():
+        h = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        alpha = target_rms / float(h.pow(2).mean().sqrt())
+        state = tower.state_dict()
+        for k, v in state.items():
+            if "pre_layrnorm" in k or ".out_proj." in k or ".fc2." in k:
+                v.mul_(alpha)
+        tower.load_state_dict(state)
+    tower.save_pretrained(directory, safe_serialization=True)
+    return alpha
+
+
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
     import matplotlib
 
@@ -115,7 +195,8 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
     for ax, (name, run) in zip(axes, runs.items()):
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "clip-pretrain-metrics.jsonl"
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
         ax.set_title(name)
         ax.set_xlabel("step")
@@ -161,20 +242,28 @@ def main() -> None:
         new_llm(llm, n_tok, s, args.seed)
         for f in tok_dir.iterdir():
             (llm / f.name).write_bytes(f.read_bytes())
-        new_tower(tower, s, args.seed + 1)
+        if args.data is not None and (base / "clip-init" / "model.safetensors").is_file():
+            log(f"4. reusing the pre-trained tower of {base}")
+            shutil.copytree(base / "clip-init", tower)
+        else:
+            new_tower(tower, s, args.seed + 1)
+            log("4. contrastive pre-training of the tower on the captions (transformers' CLIPModel)")
+            pretrain_tower(data, tok_dir, tower, s, args.seed)
+        log(f"  tower features rescaled by {scale_tower(tower, data, s):.4f} (exact reparametrization)")
     common = ["--backend", "cpu", "--seed", str(args.seed), "--num-workers", "1", "--no-grad-checkpoint",
               "--batch-size", str(s["batch"]), "--grad-accum", "1", "--save-every", "100000", "--warmup-ratio", "0.05"]
     s1, s2 = out / "stage1", out / "stage2"
     parrot("train", "--stage", "1", "--llm", llm, "--vision-tower", tower, "--data", data / "stage1.json",
-           "--image-dir", data / "images", "--output", s1, "--lr", "1e-3", "--max-steps", s["steps1"], "--train-vision",
+           "--image-dir", data / "images", "--output", s1, "--lr", "1e-3", "--max-steps", s["steps1"],
            "--moe-intermediate-size", s["moe_intermediate"], *common)
     parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage2.json",
            "--image-dir", data / "images", "--output", s2,
-           "--lr", s["lr2"], "--max-steps", s["steps2"], "--train-vision", *(["--no-moe"] if args.no_moe else []),
+           "--lr", s["lr2"], "--max-steps", s["steps2"], *(["--no-moe"] if args.no_moe else []),
            *common)
     final = out / "model"
     parrot("convert", s2, final, "--to", "hf", "--dtype", "float16")
-    plot_losses({"stage 1 (captions)": s1, "stage 2 (instructions)": s2}, out / "loss.png")
+    plot_losses({"tower (contrastive)": out, "stage 1 (captions)": s1, "stage 2 (instructions)": s2},
+                out / "loss.png")
     tsvs = sorted((data / "heldout").glob("demo_*.tsv"))
     results = {}
     for backend in args.backends.split(","):

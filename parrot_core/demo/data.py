@@ -77,16 +77,16 @@ def _pair(rng: random.Random, heldout: bool) -> tuple[str, str]:
 
 
 def random_scene(rng: random.Random, count: int, heldout: bool = False) -> Scene:
-    aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.7)))
+    aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
     area = rng.uniform(56, 160) ** 2
     w, h = max(32, round(math.sqrt(area * aspect))), max(32, round(math.sqrt(area / aspect)))
     side = min(w, h)
     if count == 1:
         c, s = _pair(rng, heldout)
         position = rng.choice(P.POSITIONS)
-        r = rng.uniform(0.15, 0.24) * side
+        r = rng.uniform(0.2, 0.28) * side
         along = rng.uniform(0.38, 0.62)  # the coordinate that does not decide the position
-        off = rng.uniform(0.05, 0.12)  # distance of the shape's edge from the image edge, as a fraction
+        off = rng.uniform(0.03, 0.08)  # distance of the shape's edge from the image edge, as a fraction
         if position in ("left", "right"):
             cx = r + off * w if position == "left" else w - r - off * w
             cy = along * h
@@ -98,7 +98,7 @@ def random_scene(rng: random.Random, count: int, heldout: bool = False) -> Scene
         position = None
         shapes = []
         while len(shapes) < count:
-            r = rng.uniform(0.1, 0.15) * side
+            r = rng.uniform(0.12, 0.17) * side
             cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
             if all(math.dist((cx, cy), (o.cx, o.cy)) > r + o.r + 3 for o in shapes):
                 c, s = _pair(rng, heldout) if heldout else _pair(rng, False)
@@ -147,7 +147,7 @@ def caption(scene: Scene) -> str:
     if len(scene.shapes) == 1:
         sh = scene.main
         where = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
-        return f"A {sh.colour} {sh.shape} {where[scene.position]} of the image."
+        return f"{P.describe('en', sh.colour, sh.shape).capitalize()} {where[scene.position]} of the image."
     parts = [P.describe("en", s.colour, s.shape) for s in scene.shapes]
     return f"{NAMES[len(parts) - 1].capitalize()} shapes: {', '.join(parts[:-1])} and {parts[-1]}."
 

@@ -206,7 +206,7 @@ def describe(lang: str, colour: str, shape: str) -> str:
     """'a red circle' with the language's agreement and word order (used in answers and the demo)."""
     c, s = COLOUR_WORDS[lang][colour], SHAPE_WORDS[lang][shape]
     if lang == "en":
-        return f"a {c} {s}"
+        return f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}"
     if lang == "zh":
         return f"一个{c}的{s}"
     if lang == "pt":
