@@ -32,11 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(stage1=6000, stage2=24000, heldout=240, steps1=100, steps2=3000, batch=16, vocab=1400, lr2=2e-3,
+FULL = dict(stage1=6000, stage2=24000, heldout=240, steps1=100, steps2a=600, steps2=2000, batch=16, vocab=1400,
+            lr2=2e-3,
             hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, moe_intermediate=96,
             vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8,
             clip_steps=600, clip_batch=128, clip_lr=2e-3)
-QUICK = dict(FULL, clip_steps=150, stage1=600, stage2=3000, heldout=24, steps1=20, steps2=300, vocab=900, hidden=96,
+QUICK = dict(FULL, clip_steps=150, stage1=600, stage2=3000, heldout=24, steps1=20, steps2a=150, steps2=300,
+             vocab=900, hidden=96,
              layers=2, intermediate=256, moe_intermediate=64, vision_hidden=64, vision_layers=2, image_size=48)
 
 
@@ -193,7 +195,9 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
+    runs = {k: v for k, v in runs.items() if (v / "metrics.jsonl").is_file()
+            or (v / "clip-pretrain-metrics.jsonl").is_file()}
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for ax, (name, run) in zip(axes, runs.items()):
         f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "clip-pretrain-metrics.jsonl"
         rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
@@ -245,6 +249,8 @@ def main() -> None:
         if args.data is not None and (base / "clip-init" / "model.safetensors").is_file():
             log(f"4. reusing the pre-trained tower of {base}")
             shutil.copytree(base / "clip-init", tower)
+            if (base / "clip-pretrain-metrics.jsonl").is_file():
+                shutil.copy(base / "clip-pretrain-metrics.jsonl", out / "clip-pretrain-metrics.jsonl")
         else:
             new_tower(tower, s, args.seed + 1)
             log("4. contrastive pre-training of the tower on the captions (transformers' CLIPModel)")
@@ -252,17 +258,24 @@ def main() -> None:
         log(f"  tower features rescaled by {scale_tower(tower, data, s):.4f} (exact reparametrization)")
     common = ["--backend", "cpu", "--seed", str(args.seed), "--num-workers", "1", "--no-grad-checkpoint",
               "--batch-size", str(s["batch"]), "--grad-accum", "1", "--save-every", "100000", "--warmup-ratio", "0.05"]
-    s1, s2 = out / "stage1", out / "stage2"
+    s1, s2a, s2 = out / "stage1", out / "stage2-captions", out / "stage2"
+    no_moe = ["--no-moe"] if args.no_moe else []
     parrot("train", "--stage", "1", "--llm", llm, "--vision-tower", tower, "--data", data / "stage1.json",
            "--image-dir", data / "images", "--output", s1, "--lr", "1e-3", "--max-steps", s["steps1"],
            "--moe-intermediate-size", s["moe_intermediate"], *common)
-    parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage2.json",
-           "--image-dir", data / "images", "--output", s2,
-           "--lr", s["lr2"], "--max-steps", s["steps2"], *(["--no-moe"] if args.no_moe else []),
-           *common)
+    # the LLM is new, so it first learns to describe the pictures (stage 2's trainer on the captions): without this
+    # grounding step the six-language instructions teach it to answer from the question alone (see docs/demo.md)
+    parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage1.json", "--image-dir", data / "images",
+           "--output", s2a, "--lr", s["lr2"], "--max-steps", s["steps2a"], *no_moe, *common)
+    parrot("train", "--stage", "2", "--model", s2a, "--data", data / "stage2.json", "--image-dir", data / "images",
+           "--output", s2, "--lr", s["lr2"], "--max-steps", s["steps2"], *no_moe, *common)
     final = out / "model"
     parrot("convert", s2, final, "--to", "hf", "--dtype", "float16")
-    plot_losses({"tower (contrastive)": out, "stage 1 (captions)": s1, "stage 2 (instructions)": s2},
+    cfg = json.loads((final / "config.json").read_text())  # the tower is inside (weights + vision_config): name it
+    cfg["mm_vision_tower"] = "demo-clip-vit-48"  # instead of this machine's absolute path
+    (final / "config.json").write_text(json.dumps(cfg, indent=2))
+    plot_losses({"tower (contrastive)": out, "stage 1 (captions)": s1, "stage 2 on the captions": s2a,
+                 "stage 2 (instructions)": s2},
                 out / "loss.png")
     tsvs = sorted((data / "heldout").glob("demo_*.tsv"))
     results = {}

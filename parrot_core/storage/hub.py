@@ -41,12 +41,13 @@ def demo_model_dir() -> Path:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A local directory as is; `demo` (when no such directory exists here): the bundled demo model; a hub id:
-    downloaded (or found in the hub cache)."""
+    """A local directory as is; `demo` (unless a model directory of that name is here): the bundled demo model;
+    a hub id: downloaded (or found in the hub cache)."""
     p = Path(path)
-    if p.exists():
+    is_demo = str(path) == DEMO_NAME
+    if p.exists() and not (is_demo and not (p / "config.json").is_file()):
         return p
-    if str(path) == DEMO_NAME:
+    if is_demo:
         d = demo_model_dir()
         if not (d / "config.json").is_file():
             raise ParrotError(f"the demo model is not installed ({d} is missing); reinstall parrot-vlm, or rebuild "

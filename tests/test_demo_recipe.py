@@ -1,0 +1,56 @@
+"""The demo's recipe at reduced size, end to end through the public commands: data -> tokenizer -> new LLM and
+contrastively pre-trained tower -> `parrot train --stage 1` -> `--stage 2` -> `parrot convert` -> `parrot eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("recipe") / "quick"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo.py"), "--output", str(out), "--quick",
+                           "--backends", "cpu"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@requires_torch
+@pytest.mark.slow
+def test_reduced_recipe_runs_every_stage_and_parrot_eval_scores_it(quick_run):
+    out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    datasets = results["eval"]["cpu"]["datasets"]
+    assert sorted(datasets) == ["demo_ar", "demo_cn", "demo_en", "demo_pt", "demo_ru", "demo_tr"]
+    # every stage learned: the losses of the last tenth are far below those of the first tenth
+    for run in ("stage2-captions", "stage2"):
+        losses = [json.loads(x)["loss"] for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+        tenth = max(1, len(losses) // 10)
+        assert sum(losses[-tenth:]) / tenth < 0.3 * sum(losses[:tenth]) / tenth, run
+    clip = [json.loads(x)["loss"] for x in (out / "clip-pretrain-metrics.jsonl").read_text().splitlines()]
+    assert sum(clip[-10:]) < 0.9 * sum(clip[:10])
+    for name, d in datasets.items():  # every held-out question was asked and scored
+        assert d["questions"] == 24, name
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+@requires_torch
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the recipe does not yet teach the model to use the image: held-out accuracy "
+                   "stays at chance (docs/demo.md, 'Results'); remove this mark when it does")
+def test_reduced_recipe_rises_well_above_chance(quick_run):
+    results = json.loads((quick_run / "results.json").read_text())
+    accuracy = [d["overall"] for d in results["eval"]["cpu"]["datasets"].values()]
+    assert min(accuracy) > 0.5  # chance: 0.25 (four options)
