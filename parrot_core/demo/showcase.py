@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 from . import phrases as P
-from .data import Scene, Shape, render
 
 IMAGE_DIR = Path(__file__).resolve().parent / "images"
 NUMBER = ["one", "two", "three", "four"]
@@ -35,6 +34,8 @@ def questions_for(image_name: str | None) -> list[tuple[str, str]]:
 
 def write_bundled_images(directory: str | Path, seed: int = 7) -> list[Path]:
     """The demo's images: four one-shape scenes (held-out colour/shape pairs) and two counting scenes."""
+    from .data import Scene, Shape, render  # (the data generator needs the eval extras: pandas)
+
     rng = random.Random(seed)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
