@@ -279,13 +279,15 @@ def main() -> None:
                 out / "loss.png")
     tsvs = sorted((data / "heldout").glob("demo_*.tsv"))
     results = {}
+    from parrot import registry
+    from parrot.errors import ParrotError
+
     for backend in args.backends.split(","):
-        if backend == "mlx":
-            try:
-                import mlx.core  # noqa: F401
-            except ImportError:
-                log("mlx not installed: skipping its evaluation")
-                continue
+        try:
+            registry.require(backend)
+        except ParrotError as e:
+            log(f"skipping the evaluation on {backend}: {e}")
+            continue
         parrot("eval", *tsvs, "--model", final, "--backend", backend, "--output", out / f"eval-{backend}",
                "--batch-size", "16", "--max-tokens", "8", "--quiet")
         results[backend] = json.loads((out / f"eval-{backend}" / "summary.json").read_text())
