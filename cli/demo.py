@@ -26,9 +26,11 @@ def _pad(text: str, width: int) -> str:
 @common.backend_option()
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Ask about this image instead of the bundled ones (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Compute dtype (the demo is tiny: float32 gives both backends the same answers).")
 @click.option("--max-tokens", "-m", default=24, show_default=True, type=click.IntRange(1, 512),
               help="Most new tokens per answer.")
-def demo(model_path, backend, images, max_tokens):
+def demo(model_path, backend, images, dtype, max_tokens):
     """Show the demo Parrot: it looks at a few bundled pictures of shapes (which it never saw in training)
     and answers questions about their colour, shape, position and number in English, Chinese,
     Portuguese, Arabic, Turkish and Russian.
@@ -49,7 +51,7 @@ def demo(model_path, backend, images, max_tokens):
         pictures = [(p, open_image(p, ImageSettings())) for p in bundled_images()]
     backend = backend or default_backend()
     t = time.perf_counter()
-    model = parrot.load(model_path, backend=backend)
+    model = parrot.load(model_path, backend=backend, dtype=dtype)
     click.echo(f"Loaded {model_path} on {backend} in {time.perf_counter() - t:.1f} s.\n")
     for path, picture in pictures:
         click.echo(f"{path.name}" + ("" if images else f"  ({path})"))

@@ -89,3 +89,16 @@ def test_parrot_demo_asks_about_ones_own_image_and_refuses_a_missing_one(tmp_pat
     assert "mine.jpg" in proc.stdout and "red_star_left.png" not in proc.stdout
     bad = run_parrot_here("demo", "--backend", "cpu", "--image", str(tmp_path / "nope.png"))
     assert bad.returncode != 0 and "nope.png" in bad.stdout + bad.stderr
+
+
+@requires_torch
+@requires_mlx
+def test_parrot_demo_gives_the_same_answers_on_both_backends():
+    import re
+
+    outs = []
+    for backend in ("cpu", "mlx"):
+        proc = run_parrot_here("demo", "--backend", backend)
+        assert proc.returncode == 0, proc.stderr
+        outs.append([re.sub(r"\s+\d+ ms$", "", line) for line in proc.stdout.splitlines()[1:]])
+    assert outs[0] == outs[1] and len(outs[0]) > 30
