@@ -48,6 +48,9 @@ from parrot.training.config import TrainConfig
 @click.option("--num-workers", type=int, default=4, show_default=True, help="Data loader worker processes.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", "--grad-checkpoint/--no-grad-checkpoint",
               default=True, show_default=True, help="Recompute decoder layers in the backward pass (less memory).")
+@click.option("--packing/--no-packing", default=False, show_default=True,
+              help="Padding-free batches: each micro-batch's samples packed into one row, attention kept within "
+                   "each sample (flash-attention's varlen kernels on CUDA when installed); same loss, no padding.")
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)

@@ -18,7 +18,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbedd
 
 from parrot.constants import IGNORE_INDEX
 from parrot.model.config import ParrotConfig, VisionConfig
-from parrot.model.splice import SplicePlan, plan_splice
+from parrot.model.splice import SplicePlan, block_causal_mask, pack_plan, plan_splice
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
@@ -212,6 +212,16 @@ class ParrotForCausalLM(nn.Module):
         )
         return out.last_hidden_state
 
+    def packed_hidden_states(self, inputs_embeds, position_ids, cu_seqlens) -> torch.Tensor:
+        """The Qwen2 stack over one packed row (parrot.model.splice.pack_plan): attention stays within each
+        sample. With flash-attention (CUDA) its varlen kernels do that (transformers reads the samples'
+        bounds off the restarting position_ids); otherwise SDPA with the block-diagonal causal mask."""
+        mask = None
+        if self.model.config._attn_implementation != "flash_attention_2":
+            mask = torch.from_numpy(block_causal_mask(cu_seqlens))[None, None].to(inputs_embeds.device)
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
 
@@ -223,13 +233,17 @@ class ParrotForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         max_length: int | None = None,
         padding_side: str = "right",
+        packing: bool = False,
     ) -> tuple[torch.Tensor, SplicePlan]:
         """Full forward (no cache) of a right-padded batch (input_ids, attention_mask and labels [B, T],
         planned on the host: pass them on the CPU), pixel_values [B, 3, H, W] for every row (zeros for
-        text-only rows): float32 logits [B, T', V] and the plan (its `labels` aligned with the logits)."""
+        text-only rows): float32 logits [B, T', V] and the plan (its `labels` aligned with the logits).
+        packing: the samples run as one row without padding (logits [1, sum of lengths, V])."""
         host = [None if t is None else t.detach().cpu().numpy() for t in (input_ids, attention_mask, labels)]
         feats = None if pixel_values is None else self.encode_images(pixel_values)
         plan = plan_splice(host[0], 0 if feats is None else feats.shape[1], host[1], host[2], max_length, padding_side)
+        if packing:
+            plan = pack_plan(plan)
         dev = self.model.embed_tokens.weight.device
         if feats is None:
             embeds = self.splice(plan)
@@ -239,6 +253,8 @@ class ParrotForCausalLM(nn.Module):
             rows = torch.from_numpy(plan.image_rows).to(dev)
             embeds = self.place(plan, tok, visual[rows] if len(plan.image_rows) else None) + 0.0 * visual.sum()
         mask, pos = (torch.from_numpy(a).to(dev) for a in (plan.attention_mask, plan.position_ids))
+        if plan.cu_seqlens is not None:
+            return self.lm_logits(self.packed_hidden_states(embeds, pos, plan.cu_seqlens)), plan
         return self.lm_logits(self.hidden_states(embeds, mask, pos)), plan
 
 

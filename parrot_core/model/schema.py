@@ -383,7 +383,7 @@ TRAIN_CONFIG = obj({  # TrainConfig (a run's settings, as run_config.json record
     "dtype": one_of(*DTYPES).or_null(),
     "save_every": SIZE, "save_total_limit": SIZE.or_null(),
     **{k: boolean() for k in ("resume", "train_vision", "no_moe", "gradient_checkpointing", "truncate", "fsdp",
-                              "lora")},
+                              "lora", "packing")},
     "num_workers": integer(0),
     "warmup_ratio": number(0, 1, hi_open=True),
     "weight_decay": number(0),

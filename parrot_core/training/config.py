@@ -57,6 +57,7 @@ class TrainConfig:
     no_moe: bool = False
     num_workers: int = 4
     gradient_checkpointing: bool = True
+    packing: bool = False  # each micro-batch's samples as one row without padding (block-diagonal attention)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

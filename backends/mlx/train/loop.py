@@ -44,6 +44,10 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     p.echo(trainable_summary(model))
     if tc.gradient_checkpointing:
         enable_grad_checkpoint(model)
+    if tc.packing:
+        model.enable_packing()
+        p.echo("packing: the samples of a micro-batch in one row, attention within each sample (per-sample RoPE, "
+               "block-diagonal mask)")
     model.train()
     optimizer = TorchAdamW(tc.lr, tc.weight_decay)
     optimizer.init(model.trainable_parameters())
@@ -96,7 +100,7 @@ class MLXEngine:
         loss_total, count, grads = 0.0, 0, None
         for i, b in enumerate(micro):
             mx.random.seed(_dropout_seed(tc.seed, step, i))  # LoRA dropout masks: a function of the step
-            mb = prepare(b, self.num_visual, tc.max_length)
+            mb = prepare(b, self.num_visual, tc.max_length, tc.packing)
             (_, s), g = self.loss_and_grad(mb, 1.0 / n_labels)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(s, grads)
@@ -110,7 +114,8 @@ class MLXEngine:
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm)
         return StepStats(loss_total, n_labels, float(norm), lr, sum(b["num_tokens"] for b in micro),
-                         sum(b["padded_tokens"] for b in micro), mx.get_peak_memory() / 2**30)
+                         sum(b["num_tokens" if tc.packing else "padded_tokens"] for b in micro),
+                         mx.get_peak_memory() / 2**30)
 
     def save(self, directory: Path) -> None:
         save_state(self.model, self.optimizer, directory)

@@ -75,3 +75,14 @@ def enable_activation_checkpointing(model: ParrotForCausalLM) -> None:
         qwen.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def packed_attention(model: nn.Module, device: torch.device) -> str:
+    """For --packing: flash-attention's varlen kernels on CUDA when flash_attn is installed (transformers reads the
+    samples' bounds off the restarting position ids), else SDPA with a block-diagonal causal mask. Says which."""
+    import importlib.util
+
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        model.model.config._attn_implementation = "flash_attention_2"
+        return "flash-attention varlen"
+    return "SDPA, block-diagonal mask"

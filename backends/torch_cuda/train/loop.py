@@ -24,7 +24,7 @@ from parrot.training.schedule import StepPlan, warmup_steps
 
 from ..loading import TORCH_DTYPES
 from ..model import causal_lm_loss_sum
-from .build import build_model, enable_activation_checkpointing, set_trainable, trainable_summary
+from .build import build_model, enable_activation_checkpointing, packed_attention, set_trainable, trainable_summary
 from .data import micro_batch_loader
 from .dist import local_device
 from .export import export_model
@@ -43,6 +43,9 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     p.echo(trainable_summary(model))
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if tc.packing:
+        attention = packed_attention(model, strategy.device)
+        p.echo(f"packing: the samples of a micro-batch in one row, attention within each sample ({attention})")
     optim = OptimSpec(tc.lr, tc.weight_decay, tc.max_grad_norm, plan.total_steps,
                       warmup_steps(plan.total_steps, tc.warmup_ratio))
     forward = strategy.prepare(model, optim)
@@ -94,6 +97,7 @@ class TorchEngine:
             logits, plan = self.forward(
                 input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                 pixel_values=mb["pixel_values"].to(device), labels=mb["labels"], max_length=tc.max_length,
+                packing=tc.packing,
             )
             loss, n = causal_lm_loss_sum(logits, plan.labels)
             strategy.backward(loss / n_labels, last=i == len(micro) - 1)
@@ -102,13 +106,15 @@ class TorchEngine:
         lr = strategy.lr()
         grad_norm = strategy.step()
         own = sum(mb["num_label_tokens"] for mb in micro)
+        computed = "num_tokens" if tc.packing else "padded_tokens"  # positions the LLM ran
         if count != own:  # the data's count normalized the loss
             raise RuntimeError(f"step {step + 1}: the model saw {count} label tokens, the data counted {own}")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return StepStats(
             loss_sum=strategy.all_reduce_sum(float(loss_sum)), label_count=int(n_labels), grad_norm=grad_norm,
             lr=lr, tokens=int(strategy.all_reduce_sum(sum(mb["num_tokens"] for mb in micro))),
-            padded=int(strategy.all_reduce_sum(sum(mb["padded_tokens"] for mb in micro))), peak_memory_gib=peak)
+            padded=int(strategy.all_reduce_sum(sum(mb[computed] for mb in micro))),
+            peak_memory_gib=peak)
 
     def save(self, directory: Path) -> None:
         self.strategy.save(directory)
