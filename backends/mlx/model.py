@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from parrot.model.config import ParrotConfig, VisionConfig
-from parrot.model.splice import SplicePlan, block_causal_mask
+from parrot.model.splice import SplicePlan
 
 from .mlxlm import qwen2
 
@@ -190,34 +190,28 @@ class MultilingualMoE(nn.Module):
         return out
 
 
-class Segments:
-    """The sample bounds of the packed row being run (None: no packed row), shared by the SegmentedRoPEs."""
-
-    def __init__(self):
-        self.bounds: list[int] | None = None
-
-
-class SegmentedRoPE(nn.Module):
-    """mlx-lm's RoPE module, restarting the positions at each sample of a packed row (per-segment calls:
-    mx.fast.rope takes one offset per row, not per position). Unpacked calls go straight through."""
-
-    def __init__(self, rope: nn.Module, segments: Segments):
-        super().__init__()
-        self.rope = rope
-        self._segments = segments
-
-    def __call__(self, x: mx.array, offset=0) -> mx.array:
-        b = self._segments.bounds
-        if b is None:
-            return self.rope(x, offset=offset)
-        return mx.concatenate([self.rope(x[..., s:e, :]) for s, e in zip(b[:-1], b[1:]) if e > s], axis=-2)
+def packed_block(layer: nn.Module, x: mx.array, bounds: list[int]) -> mx.array:
+    """One mlx-lm Qwen2 decoder layer (`TransformerBlock`: the same submodules, in the same order) over a packed
+    row: each sample's RoPE positions from 0 and causal attention within the sample, one fused SDPA call per
+    sample (mx.fast.rope takes one offset per row, not per position)."""
+    a = layer.self_attn
+    h = layer.input_layernorm(x)
+    B, L, _ = h.shape
+    q = a.q_proj(h).reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3)
+    k = a.k_proj(h).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = a.v_proj(h).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    o = mx.concatenate([
+        mx.fast.scaled_dot_product_attention(a.rope(q[:, :, s:e]), a.rope(k[:, :, s:e]), v[:, :, s:e], scale=a.scale,
+                                             mask="causal")
+        for s, e in zip(bounds[:-1], bounds[1:]) if e > s], axis=2)
+    h = x + a.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 class ParrotForCausalLM(nn.Module):
     def __init__(self, cfg: ParrotConfig, vision: VisionConfig):
         super().__init__()
         self.config = cfg
-        self._segments: Segments | None = None  # set by the first packed forward
         self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(cfg.llm_dict()))
         self.vision_tower = VisionTower(cfg, vision)
         self.mm_projector = build_projector(cfg)
@@ -275,30 +269,24 @@ class ParrotForCausalLM(nn.Module):
     def hidden_states(self, inputs_embeds: mx.array, cache=None) -> mx.array:
         """Final-norm hidden states [B, T, C]: causal attention (right padding needs no other mask; a
         left-padded batch passes mlx-lm's BatchKVCache, which masks the padding and offsets positions)."""
-        if self._segments is not None:
-            self._segments.bounds = None
         return self.language_model.model(None, cache=cache, input_embeddings=inputs_embeds)
 
-    def enable_packing(self) -> None:
-        """Wraps each LLM layer's RoPE in a SegmentedRoPE (no parameters, but the module tree changes: call it
-        before taking the parameter tree for an optimizer)."""
-        if self._segments is None:
-            self._segments = Segments()
-            for layer in self.language_model.model.layers:
-                layer.self_attn.rope = SegmentedRoPE(layer.self_attn.rope, self._segments)
-
     def packed_hidden_states(self, inputs_embeds: mx.array, cu_seqlens) -> mx.array:
-        """Final-norm hidden states [1, L, C] of one packed row (parrot.model.splice.pack_plan): each sample's
-        positions restart at 0 (SegmentedRoPE) and its attention stays inside it (block-diagonal causal mask).
-        The bounds stay set until the next unpacked forward, so a gradient-checkpointed layer recomputed in the
-        backward pass sees them too."""
+        """Final-norm hidden states [1, L, C] of one packed row (parrot.model.splice.pack_plan): attention within
+        each sample, its positions from 0 (`packed_block`). A layer under gradient checkpointing (its class has
+        `grad_checkpoint`) is recomputed in the backward pass, as in the unpacked forward."""
         lm = self.language_model.model
-        self.enable_packing()
-        self._segments.bounds = [int(x) for x in cu_seqlens]
-        mask = mx.array(block_causal_mask(cu_seqlens))
+        bounds = [int(x) for x in cu_seqlens]
         h = inputs_embeds
         for layer in lm.layers:
-            h = layer(h, mask, None)
+            if getattr(layer, "grad_checkpoint", False):
+                def inner(params, x, layer=layer):
+                    layer.update(params)
+                    return packed_block(layer, x, bounds)
+
+                h = mx.checkpoint(inner)(layer.trainable_parameters(), h)
+            else:
+                h = packed_block(layer, h, bounds)
         return lm.norm(h)
 
     def lm_logits(self, h: mx.array) -> mx.array:

@@ -10,18 +10,41 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, Qwen2Config, Qwen2Model
+from transformers import AttentionInterface, CLIPVisionConfig, Qwen2Config, Qwen2Model
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 
 from parrot.constants import IGNORE_INDEX
 from parrot.model.config import ParrotConfig, VisionConfig
-from parrot.model.splice import SplicePlan, block_causal_mask, pack_plan, plan_splice
+from parrot.model.splice import SplicePlan, pack_plan, plan_splice
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+
+SEGMENT_ATTENTION = "parrot_segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention for packed rows: causal SDPA within each sample (`cu_seq_lens_q`, host offsets), so
+    the work is the sum of the samples' squares, not the packed row's square. Without them: plain SDPA."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = cu.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                    dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+                     for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 
 
 def _rope_type(rope_scaling: dict | None) -> str:
@@ -213,14 +236,21 @@ class ParrotForCausalLM(nn.Module):
         return out.last_hidden_state
 
     def packed_hidden_states(self, inputs_embeds, position_ids, cu_seqlens) -> torch.Tensor:
-        """The Qwen2 stack over one packed row (parrot.model.splice.pack_plan): attention stays within each
-        sample. With flash-attention (CUDA) its varlen kernels do that (transformers reads the samples'
-        bounds off the restarting position_ids); otherwise SDPA with the block-diagonal causal mask."""
-        mask = None
-        if self.model.config._attn_implementation != "flash_attention_2":
-            mask = torch.from_numpy(block_causal_mask(cu_seqlens))[None, None].to(inputs_embeds.device)
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
+        """The Qwen2 stack over one packed row (parrot.model.splice.pack_plan), attention within each sample:
+        flash-attention's varlen kernels when the model uses flash_attention_2 (CUDA), else causal SDPA per
+        sample (`segment_attention`, which the model switches to here; unpacked calls fall back to SDPA)."""
+        config = self.model.config
+        cu = torch.from_numpy(np.asarray(cu_seqlens, dtype=np.int32))
+        if config._attn_implementation == "flash_attention_2":
+            longest = int(np.diff(cu_seqlens).max())
+            cu = cu.to(inputs_embeds.device)
+            kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        else:
+            config._attn_implementation = SEGMENT_ATTENTION
+            kw = {"cu_seq_lens_q": cu}
+        # a ready mask mapping: transformers builds no [L, L] mask; the attention reads the samples' offsets
+        return self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": None},
+                          position_ids=position_ids, use_cache=False, **kw).last_hidden_state
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()

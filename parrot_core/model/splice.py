@@ -12,8 +12,8 @@ left padding at the end (batched decoding), with positions counting from the row
 
 `pack_plan` turns a right-padded training plan into one row without padding (padding-free training):
 the rows' valid positions one after the other, each sample's positions from 0, `cu_seqlens` marking
-where each sample starts; the LLM must attend within a sample only (`block_causal_mask`, or
-flash-attention's varlen kernels). The MoE's text context stays per sample (it runs before the gather).
+where each sample starts; the LLM must attend within a sample only (causal attention per sample,
+or flash-attention's varlen kernels). The MoE's text context stays per sample (it runs before the gather).
 """
 
 from __future__ import annotations
@@ -119,14 +119,6 @@ def pack_plan(plan: SplicePlan) -> SplicePlan:
     return SplicePlan(plan.text_ids, plan.context, plan.image_rows, plan.gather[valid][None],
                       np.ones((1, total), bool), plan.position_ids[valid][None], labels[None],
                       np.array([total]), plan.num_visual, cu)
-
-
-def block_causal_mask(cu_seqlens: np.ndarray) -> np.ndarray:
-    """[L, L] bool: position i may attend to j when both lie in the same sample and j <= i."""
-    cu = np.asarray(cu_seqlens)
-    seg = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
-    ar = np.arange(int(cu[-1]))
-    return (seg[:, None] == seg[None, :]) & (ar[None, :] <= ar[:, None])
 
 
 def plan_prompts(prompts: Sequence[Sequence[int]], num_visual: int, padding_side: str = "right") -> SplicePlan:

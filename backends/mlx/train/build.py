@@ -124,7 +124,7 @@ def _checkpointed_class(base: type) -> type:
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
-        _CHECKPOINTED[base] = type(base.__name__, (base,), {"__call__": __call__})
+        _CHECKPOINTED[base] = type(base.__name__, (base,), {"__call__": __call__, "grad_checkpoint": True})
     return _CHECKPOINTED[base]
 
 

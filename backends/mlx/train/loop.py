@@ -45,9 +45,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     if tc.gradient_checkpointing:
         enable_grad_checkpoint(model)
     if tc.packing:
-        model.enable_packing()
-        p.echo("packing: the samples of a micro-batch in one row, attention within each sample (per-sample RoPE, "
-               "block-diagonal mask)")
+        p.echo("packing: the samples of a micro-batch in one row, attention within each sample (SDPA per sample)")
     model.train()
     optimizer = TorchAdamW(tc.lr, tc.weight_decay)
     optimizer.init(model.trainable_parameters())

@@ -85,4 +85,4 @@ def packed_attention(model: nn.Module, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         model.model.config._attn_implementation = "flash_attention_2"
         return "flash-attention varlen"
-    return "SDPA, block-diagonal mask"
+    return "SDPA per sample"
