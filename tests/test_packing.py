@@ -77,19 +77,27 @@ def _per_token_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _torch_run(src, batch, packing: bool, sample: int | None):
+def _torch_run(src, batch, packing: bool, sample: int | None, device: str = "cpu", flash: bool = False,
+               bf16: bool = False):
     """(per-token NLL [rows of the plan], the plan, gradients of the summed loss of `sample` or of all)."""
+    import contextlib
+
     import torch
 
     from parrot.backends.torch_cuda.model import causal_lm_loss_sum
     from parrot.backends.torch_cuda.train.build import build_model, enable_activation_checkpointing, set_trainable
 
-    model = build_model(src, "cpu", seed=0)
+    model = build_model(src, device, seed=0)
     set_trainable(model, 2, True, False)
     enable_activation_checkpointing(model)
     model.train()
+    if flash:
+        model.model.config._attn_implementation = "flash_attention_2"
     tb = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray) and k != "has_image"}
-    logits, plan = model(tb["input_ids"], tb["attention_mask"], tb["pixel_values"], tb["labels"], packing=packing)
+    autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        logits, plan = model(tb["input_ids"], tb["attention_mask"], tb["pixel_values"].to(device), tb["labels"],
+                             packing=packing)
     labels = plan.labels.copy()
     if sample is not None:  # the loss of one sample only
         keep = np.zeros_like(labels, bool)
@@ -100,8 +108,8 @@ def _torch_run(src, batch, packing: bool, sample: int | None):
         labels[~keep] = IGNORE
     loss, _ = causal_lm_loss_sum(logits, labels)
     loss.backward()
-    nll = [_per_token_nll(row, lab) for row, lab in zip(logits.detach().numpy(), plan.labels)]
-    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
+    nll = [_per_token_nll(row, lab) for row, lab in zip(logits.detach().float().cpu().numpy(), plan.labels)]
+    grads = {k: p.grad.float().cpu().numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
     return nll, plan, grads
 
 
@@ -216,3 +224,28 @@ def test_cli_takes_packing(tmp_path, tiny_ckpt, dataset):
     assert "attention within each sample (SDPA per sample)" in p.stdout + p.stderr
     assert _metrics(tmp_path / "o")[0]["padding_fraction"] == 0
 
+
+
+@pytest.mark.cuda
+def test_packing_on_cuda_per_sample_sdpa_and_flash_attention_varlen(tiny_ckpt, dataset):
+    """On a GPU (scripts/gpu_check.sh): per-sample SDPA in float32 as on the CPU (1e-4), and, when flash_attn is
+    installed, its varlen kernels under bf16 autocast against the padded bf16 batch (per-sample losses, 2%)."""
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    src, batch = _batch(tiny_ckpt, *dataset, order=[2, 1, 0])
+    nll_pad, plan_pad, _ = _torch_run(src, batch, False, None, "cuda")
+    nll_pack, plan_pack, _ = _torch_run(src, batch, True, None, "cuda")
+    cu = plan_pack.cu_seqlens
+    for b, n in enumerate(plan_pad.lengths):
+        assert np.abs(nll_pack[0][cu[b]:cu[b + 1] - 1] - nll_pad[b][:n - 1]).max() < 1e-4, b
+    if importlib.util.find_spec("flash_attn") is None:
+        print("flash_attn not installed: varlen kernels not checked")
+        return
+    nll_pad, _, _ = _torch_run(src, batch, False, None, "cuda", bf16=True)
+    nll_flash, _, _ = _torch_run(src, batch, True, None, "cuda", flash=True, bf16=True)
+    for b, n in enumerate(plan_pad.lengths):
+        a, c = nll_flash[0][cu[b]:cu[b + 1] - 1].sum(), nll_pad[b][:n - 1].sum()
+        assert abs(a - c) <= 2e-2 * abs(c), (b, a, c)
