@@ -7,6 +7,7 @@ on the same data: useful (non-padding) tokens/s packed / padded, the same steps'
 
     .venv/bin/python scripts/bench_train.py [--steps 8] [--rounds 3] [--batch-size 4] [--hidden 512] [--layers 8]
     .venv/bin/python scripts/bench_train.py --backend mlx --hidden 256 --layers 4 --vocab 8192   # MLX: packed vs padded
+    python scripts/bench_train.py --backend cuda --hidden 1024 --layers 8   # bf16; flash-attn varlen if installed
 
 Rounds alternate the two, so both see the same machine load; best and median step over the rounds
 (the first step of each round, which pays for warm-up, is left out). On a shared machine the best
@@ -85,8 +86,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--backend", default="cpu", choices=("cpu", "mlx"),
-                    help="mlx: packed vs padded only (no transformers reference)")
+    ap.add_argument("--backend", default="cpu", choices=("cpu", "mlx", "cuda"),
+                    help="mlx, cuda: packed vs padded only (no transformers reference)")
     ap.add_argument("--max-repeats", type=int, default=5, help="answers of 1..N sentences (the padding's spread)")
     args = ap.parse_args()
     if args.threads:
