@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from conftest import requires_torch
+from conftest import BACKENDS, requires_torch
 from parrot.inference.generation import SamplingParams
 
 
@@ -40,3 +41,28 @@ def test_torch_first_token_comes_before_any_decode_step(tiny_ckpt):
             ref.append(tok)
             emb = model.embed_tokens([tok])
     assert [first, *rest] == ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_cache_encodes_a_batch_of_images_at_once_as_one_by_one(backend, tiny_ckpt):
+    """ImageCache.get_many (batched generation's vision step): one CLIP + projector + experts pass over the new
+    images, the same encodings as `get` per image; repeats and cached images are not recomputed."""
+    import parrot
+    from parrot.inference.bench import synthetic_image
+    from parrot.inference.generation import ImageCache
+
+    model = parrot.load(tiny_ckpt, backend=backend)
+    px = [model.preprocess(synthetic_image(model, seed=s)) for s in (1, 2, 3)]
+    calls = []
+    feats = model.image_features
+    model.image_features = lambda p: calls.append(len(p)) or feats(p)
+    cache = ImageCache(size=8)
+    cache.get(model, px[2])
+    got = cache.get_many(model, [px[0], px[1], px[0], px[2]])
+    assert calls == [1, 2]  # px[2] alone, then px[0] and px[1] together
+    assert [c for _, c in got] == [True, True, False, False]
+    assert got[0][0] is got[2][0]
+    for (enc, _), p in zip(got, [px[0], px[1], px[0], px[2]]):
+        ref, _ = ImageCache(1).get(model, p)
+        assert np.abs(model.to_numpy(enc.features) - model.to_numpy(ref.features)).max() < 1e-5
+        assert np.abs(model.to_numpy(enc.experts) - model.to_numpy(ref.experts)).max() < 1e-5
