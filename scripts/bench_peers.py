@@ -262,6 +262,23 @@ def table(title: str, res: dict[str, list[dict]], peer: str, ours_names: list[st
               f"({100 * statistics.median(moe) / med(on, 'ttft'):.0f}%; per round {min(moe):.3f}-{max(moe):.3f} s)")
 
 
+def flops_note(model, prompt_positions: int) -> str:
+    """Analytic FLOPs of the time to first token (multiply-adds x 2): the peer's (all CLIP layers, projector,
+    Qwen2 prefill, the last position's LM head) and the MoE's, which only ours computes."""
+    c, v = model.config, model.vision_config
+    C, N, kv = c.hidden_size, model.num_visual_tokens, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer = C * (2 * C + 2 * kv) + 3 * C * c.intermediate_size
+    llm = 2 * prompt_positions * c.num_hidden_layers * layer + 2 * C * c.vocab_size
+    Cv = v.hidden_size
+    clip = 2 * N * (v.num_hidden_layers * (4 * Cv * Cv + 2 * Cv * v.intermediate_size) + 3 * v.patch_size**2 * Cv)
+    proj = 2 * N * (Cv * C + C * C)
+    moe = 2 * N * c.num_experts * 3 * C * c.moe_intermediate_size
+    peer = llm + clip + proj
+    return (f"FLOPs to the first token (analytic): the peer's {peer / 1e9:.1f} G (LLM {llm / 1e9:.1f}, CLIP "
+            f"{clip / 1e9:.1f}, projector {proj / 1e9:.2f}); the MoE adds {moe / 1e9:.1f} G = {100 * moe / peer:.0f}% "
+            f"(Parrot-7B: ~4%). Ours skips CLIP's last layer (-{clip / v.num_hidden_layers / 1e9:.2f} G).")
+
+
 def check_same(what: str, a: list[int], b: list[int], required: bool) -> None:
     same = list(a) == list(b)
     print(f"check: {what}: {'identical' if same else 'DIFFER'} ({len(a)} tokens)")
@@ -288,6 +305,7 @@ def run_mlx(args, root: Path) -> None:
     print(f"\n== MLX ({mx.default_device()}, mlx {mx.__version__}, mlx-vlm {mlx_vlm.__version__}): Qwen2 "
           f"{args.mlx_hidden} x {args.mlx_layers} layers (vocab {args.mlx_vocab}), CLIP 256 x 4 at 224 px "
           f"({nv} visual tokens), {nv + len(ids)}-position prompt, {args.new_tokens} new tokens, float32 and 4-bit")
+    print(flops_note(ours, nv + len(ids)))
     peer_dir = write_mlx_vlm_dir(ckpt, root / "mlx" / "llava", image_token)
     for bits in (None, 4):
         if bits:
@@ -356,6 +374,11 @@ def run_torch(args, root: Path) -> None:
     ids = prompt_ids(ours, args.text_tokens)
     nv = ours.num_visual_tokens
     peer = hf_llava(ckpt, image_token, device)
+    print(f"\n== torch {device.type} ({torch.__version__}, {torch.get_num_threads()} threads, transformers "
+          f"{transformers.__version__}): Qwen2 {args.torch_hidden} x {args.torch_layers} layers (vocab "
+          f"{args.torch_vocab}), CLIP 256 x 4 at 224 px ({nv} visual tokens), {nv + len(ids)}-position prompt, "
+          f"{args.new_tokens} new tokens, {dtype}")
+    print(flops_note(ours, nv + len(ids)))
     pix8 = images(ours, 8)
     check_same("float32, text-only prompt (LLM part)", ours_call(ours, ids, None, 16)["tokens"],
                hf_call(peer, ids, None, 16, image_token, nv, device)["tokens"], required=True)
@@ -368,10 +391,7 @@ def run_torch(args, root: Path) -> None:
         check_same(f"{dtype}, image prompt with the MoE off (rounding may differ)",
                    ours_call(ours_off, [IMAGE_TOKEN_INDEX, *ids], pix8[:1], 16)["tokens"],
                    hf_call(peer, ids, pix8[:1], 16, image_token, nv, device)["tokens"], required=False)
-    print(f"\n== torch {device.type} ({torch.__version__}, {torch.get_num_threads()} threads, transformers "
-          f"{transformers.__version__}): Qwen2 {args.torch_hidden} x {args.torch_layers} layers (vocab "
-          f"{args.torch_vocab}), CLIP 256 x 4 at 224 px ({nv} visual tokens), {nv + len(ids)}-position prompt, "
-          f"{args.new_tokens} new tokens, {dtype}")
+
     n = args.new_tokens
     img_ids = [IMAGE_TOKEN_INDEX, *ids]
     res = alternate(args.rounds, {
