@@ -248,12 +248,12 @@ def ratio_range(a: list[dict], b: list[dict], key: str) -> str:
 def table(title: str, res: dict[str, list[dict]], peer: str, ours_names: list[str], memory: bool) -> None:
     print(f"\n{title}")
     head = f"{'side':<22}{'TTFT s':>9}{'decode tok/s':>14}" + (f"{'peak GiB':>10}" if memory else "")
-    print(head + f"   {'TTFT ratio vs ' + peer + ' (range)':<40}{'decode ratio (range)'}")
+    print(head + f"   {'TTFT ratio vs ' + peer + ' (range)':<44}{'decode ratio (range)'}")
     for name, rs in res.items():
         line = f"{name:<22}{med(rs, 'ttft'):9.3f}{med(rs, 'tps'):14.2f}"
         line += f"{med(rs, 'peak'):10.3f}" if memory else ""
         if name in ours_names:
-            line += f"   {ratio_range(rs, res[peer], 'ttft'):<40}{ratio_range(rs, res[peer], 'tps')}"
+            line += f"   {ratio_range(rs, res[peer], 'ttft'):<44}{ratio_range(rs, res[peer], 'tps')}"
         print(line)
     if len(ours_names) == 2:
         on, off = (res[n] for n in ours_names)
