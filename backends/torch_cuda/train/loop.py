@@ -27,7 +27,8 @@ from ..model import causal_lm_loss_sum
 from .build import build_model, enable_activation_checkpointing, set_trainable, trainable_summary
 from .data import micro_batch_loader
 from .dist import local_device
-from .export import export_model
+from .export import export_adapter, export_model
+from .lora import apply_lora
 from .state import load_rng, save_rng
 from .strategy import OptimSpec, SingleProcess, Strategy
 
@@ -39,21 +40,28 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     _seed_everything(tc.seed)
     plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, strategy.world_size)
     model = build_model(src, strategy.build_device, tc.seed)
-    set_trainable(model, tc.stage, tc.use_moe, tc.train_vision)
+    if tc.lora:
+        lora_modules = apply_lora(model, tc)
+    else:
+        lora_modules = []
+        set_trainable(model, tc.stage, tc.use_moe, tc.train_vision)
     p.echo(trainable_summary(model))
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(model)
     optim = OptimSpec(tc.lr, tc.weight_decay, tc.max_grad_norm, plan.total_steps,
                       warmup_steps(plan.total_steps, tc.warmup_ratio))
     forward = strategy.prepare(model, optim)
-    return run_steps(p, TorchEngine(p, strategy, forward), plan, optim.warmup_steps, stop_after, progress)
+    engine = TorchEngine(p, strategy, forward, lora_modules, plan.total_steps)
+    return run_steps(p, engine, plan, optim.warmup_steps, stop_after, progress)
 
 
 class TorchEngine:
     """One optimizer step of the torch model behind a `Strategy` (one process, DeepSpeed or FSDP2)."""
 
-    def __init__(self, p: PreparedRun, strategy: Strategy, forward):
+    def __init__(self, p: PreparedRun, strategy: Strategy, forward, lora_modules: list[str] | None = None,
+                 total_steps: int = 0):
         self.p, self.strategy, self.forward = p, strategy, forward
+        self.lora_modules, self.total_steps = lora_modules or [], total_steps
         self.device = strategy.device
         self.rank, self.world_size = strategy.rank, strategy.world_size
         self.micro_per_step: list[int] = []
@@ -115,6 +123,11 @@ class TorchEngine:
         save_rng(directory / f"rng-rank{self.rank}.safetensors")
 
     def export(self, out: Path) -> str:
+        tc, src = self.p.config, self.p.source
+        if tc.lora:
+            export_adapter(self.strategy.model, src, tc, self.lora_modules, out, self.total_steps)
+            return (f"saved the LoRA adapter (PEFT format) to {out} (use it: parrot chat --model "
+                    f"{src.tokenizer_dir} --adapter {out}; fuse it: parrot convert ... --fuse-adapter {out})")
         export_model(self.strategy, self.p.source, out, self.p.config.dtype, self.p.config.max_length)
         return f"saved the trained model to {out} (next stage: --model {out})"
 

@@ -113,7 +113,7 @@ class SingleProcess:
         model.to(self.device)
         if self.compute_dtype != torch.float32:
             for p in model.parameters():
-                if not p.requires_grad:
+                if not p.requires_grad and p.is_floating_point():  # a 4-bit (QLoRA) base stays as it is
                     p.data = p.data.to(self.compute_dtype)
         model.train()
         self.model, self.optim = model, optim
