@@ -36,7 +36,7 @@ class BackendSpec:
     sharding: bool = False  # --deepspeed / --fsdp
     half_precision_training: bool = False  # fp16 under DeepSpeed
     lora_training: bool = False  # --lora
-    qlora: str | None = None  # QLoRA: "quantized_base" (LoRA on a quantized MLX base), "nf4" (--quantize 4, bitsandbytes)
+    qlora: str | None = None  # "quantized_base": LoRA on a quantized MLX base; "nf4": --quantize 4 (bitsandbytes)
     native_layout: str = "official"  # the layout its trainer can also save ("mlx": --save-layout mlx)
     process_group: str | None = None  # "module:Class" of a data-parallel group (torchrun); None: one process
 
@@ -57,13 +57,15 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             "cpu", "parrot.backends.torch_cuda.api:TorchParrot", "parrot.backends.torch_cuda.train.loop:run_training",
             ("torch", "transformers"), "pip install 'parrot-vlm[torch]'", "torch", "PyTorch", "PyTorch on the CPU",
-            device="cpu", sharding=True, lora_training=True, process_group="parrot.backends.torch_cuda.group:ProcessGroup",
+            device="cpu", sharding=True, lora_training=True,
+            process_group="parrot.backends.torch_cuda.group:ProcessGroup",
         ),
         BackendSpec(
             "cuda", "parrot.backends.torch_cuda.api:TorchParrot", "parrot.backends.torch_cuda.train.loop:run_training",
             ("torch", "transformers"), "pip install 'parrot-vlm[torch]'", "torch", "PyTorch", "PyTorch on a CUDA GPU",
             device="cuda", probe="parrot.backends.torch_cuda.device:cuda_problem", train_dtype="bfloat16",
-            sharding=True, half_precision_training=True, lora_training=True, qlora="nf4", process_group="parrot.backends.torch_cuda.group:ProcessGroup",
+            sharding=True, half_precision_training=True, lora_training=True, qlora="nf4",
+            process_group="parrot.backends.torch_cuda.group:ProcessGroup",
         ),
     )
 }

@@ -240,7 +240,7 @@ def read_adapter(path: str | Path) -> Adapter:
         raise ParrotError(f"--adapter {d}: no {ADAPTER_CONFIG} (is it a LoRA adapter directory?)")
     cfg = parse_json(cfg_path.read_bytes(), str(cfg_path))
     if isinstance(cfg, dict) and "peft_type" in cfg:
-        return _validated(read_peft(d, cfg))
+        return _validated(Adapter(**read_peft(d, cfg)))
     check(cfg, ADAPTER_CONFIG_SCHEMA, str(cfg_path))
     lp = cfg["lora_parameters"]
     rank, scale, dropout = lp["rank"], float(lp["scale"]), float(lp.get("dropout", 0.0))

@@ -180,11 +180,10 @@ class TrainConfig:
             if self.quantize != 4:
                 raise ParrotError(f"--quantize {self.quantize}: QLoRA quantizes the base to 4 bits (--quantize 4)")
             if spec.qlora != "nf4":
+                instead = ("trains LoRA on a quantized MLX base instead: `parrot convert M Q -q 4`, then --model Q"
+                           if spec.qlora == "quantized_base" else "trains LoRA on a float base: drop --quantize")
                 raise ParrotError(f"--quantize 4 (QLoRA, NF4 through bitsandbytes) needs --backend "
-                                  f"{_with('qlora', 'nf4')} (a CUDA GPU); --backend {self.backend} "
-                                  + ("trains LoRA on a quantized MLX base instead: `parrot convert --model M Q -q 4`, "
-                                     "then --model Q --lora" if spec.qlora == "quantized_base" else "trains LoRA on a float base: "
-                                     "drop --quantize"))
+                                  f"{_with('qlora', 'nf4')} (a CUDA GPU); --backend {self.backend} {instead}")
         if self.strategy != "single":
             raise ParrotError("--lora trains in one process here; drop --deepspeed / --fsdp (the frozen base "
                               "is not sharded)")
@@ -203,7 +202,8 @@ class TrainConfig:
             if v is not None and v < 0:
                 raise ParrotError(f"--{name.replace('_', '-')} must not be negative, not {v}")
         if self.moe_lr is not None and not self.use_moe:
-            raise ParrotError("--moe-lr sets the MoE's learning rate; the MoE does not train here (stage 1 or --no-moe)")
+            raise ParrotError("--moe-lr sets the MoE's learning rate; the MoE does not train here "
+                              "(stage 1 or --no-moe)")
         if self.lora and self.lora_only and (self.mm_projector_lr is not None or self.moe_lr is not None):
             raise ParrotError("--mm-projector-lr / --moe-lr: with --lora-only the projector and MoE stay frozen")
         if self.report_to not in REPORT_TO:

@@ -73,10 +73,9 @@ def write_peft(directory: Path, config: dict[str, Any], weights: dict[str, np.nd
         f.write(json.dumps(peft_config(config, modules, list(full)), indent=2, sort_keys=True))
 
 
-def read_peft(directory: Path, cfg: dict[str, Any]):
-    """A PEFT LoRA adapter directory as an `Adapter` (MLX names, A [in, r], B [r, out])."""
+def read_peft(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT LoRA adapter directory as the fields of an `adapter.Adapter` (MLX names, A [in, r], B [r, out])."""
     from ..storage.safetensors_io import SafetensorsFile
-    from .adapter import Adapter
 
     where = Path(directory) / "adapter_config.json"
     if cfg.get("peft_type") != "LORA":
@@ -86,6 +85,9 @@ def read_peft(directory: Path, cfg: dict[str, Any]):
             or isinstance(alpha, bool):
         raise ParrotError(f"{where}: needs an integer r >= 1 and a number lora_alpha (got r {r!r}, "
                           f"lora_alpha {alpha!r})")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ParrotError(f"{where}: lora_dropout {dropout!r}; expected a number in [0, 1)")
     for k, ok in UNSUPPORTED.items():
         if cfg.get(k, ok) != ok:
             raise ParrotError(f"{where}: {k} {cfg[k]!r} is not supported (plain LoRA only)")
@@ -124,10 +126,10 @@ def read_peft(directory: Path, cfg: dict[str, Any]):
         modules = sorted({k.rsplit(".", 1)[0] for k in weights})
         layers = {int(m.split(".")[3]) for m in modules if m.startswith("language_model.model.layers.")}
         config = {"fine_tune_type": "lora", "model": cfg.get("base_model_name_or_path"), "num_layers": len(layers),
-                  "lora_parameters": {"rank": r, "scale": scale, "dropout": float(cfg.get("lora_dropout") or 0.0),
+                  "lora_parameters": {"rank": r, "scale": scale, "dropout": float(dropout),
                                       "keys": sorted({m.split(".", 4)[4] for m in modules
                                                       if m.startswith("language_model.model.layers.")})},
                   "parrot": {"format": 1, "alpha": float(alpha), "modules": modules}}
     modules = sorted({k.rsplit(".", 1)[0] for k in weights})
-    return Adapter(Path(directory), r, scale, float(cfg.get("lora_dropout") or 0.0), modules, weights, config,
-                   full, "peft")
+    return {"path": Path(directory), "rank": r, "scale": scale, "dropout": float(dropout),
+            "modules": modules, "weights": weights, "config": config, "full": full, "format": "peft"}

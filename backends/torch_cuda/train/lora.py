@@ -34,7 +34,7 @@ def apply_lora(model: ParrotForCausalLM, tc: TrainConfig) -> list[str]:
     modules = target_modules(cfg, tc.lora_targets, tc.lora_layers)
     names = {m: peft_module(m) for m in modules}
     found = dict(model.named_modules())
-    for m, n in names.items():
+    for n in names.values():
         if not isinstance(found.get(n), nn.Linear):
             raise ParrotError(f"LoRA target {n}: not a linear layer of this model ({type(found.get(n)).__name__})")
     if tc.quantize:
