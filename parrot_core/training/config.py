@@ -221,6 +221,13 @@ class TrainConfig:
                               "at least 2")
 
     @property
+    def module_lrs(self) -> dict[str, float]:
+        """Peak learning rates of modules that do not use --lr: {"mm_projector": ..., "moe_model": ...}
+        (--mm-projector-lr, --moe-lr; LLaVA's mm_projector_lr), as optimizer parameter groups on both backends."""
+        lrs = {"mm_projector": self.mm_projector_lr, "moe_model": self.moe_lr}
+        return {k: v for k, v in lrs.items() if v is not None}
+
+    @property
     def strategy(self) -> str:
         """How the model is sharded: "deepspeed", "fsdp" or "single" (one process, or plain replicas)."""
         return "deepspeed" if self.deepspeed is not None else "fsdp" if self.fsdp else "single"

@@ -45,7 +45,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     if tc.gradient_checkpointing:
         enable_grad_checkpoint(model)
     model.train()
-    optimizer = TorchAdamW(tc.lr, tc.weight_decay)
+    optimizer = TorchAdamW(tc.lr, tc.weight_decay, module_lrs=tc.module_lrs)
     optimizer.init(model.trainable_parameters())
     n_warmup = warmup_steps(plan.total_steps, tc.warmup_ratio)
     engine = MLXEngine(p, model, optimizer, lora_modules, plan, n_warmup)
@@ -104,9 +104,10 @@ class MLXEngine:
             count += mb.num_labels
         if count != n_labels:  # the data's count normalized the loss
             raise RuntimeError(f"step {step + 1}: the model saw {count} label tokens, the data counted {n_labels}")
-        lr = tc.lr * cosine_lr_factor(step, self.plan.total_steps, self.n_warmup)
+        factor = cosine_lr_factor(step, self.plan.total_steps, self.n_warmup)
+        lr = tc.lr * factor
         grads, norm = clip_grad_norm(grads, tc.max_grad_norm)
-        self.optimizer.lr = lr
+        self.optimizer.lr, self.optimizer.lr_factor = lr, factor
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm)
         return StepStats(loss_total, n_labels, float(norm), lr, sum(b["num_tokens"] for b in micro),

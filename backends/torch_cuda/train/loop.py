@@ -49,7 +49,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(model)
     optim = OptimSpec(tc.lr, tc.weight_decay, tc.max_grad_norm, plan.total_steps,
-                      warmup_steps(plan.total_steps, tc.warmup_ratio))
+                      warmup_steps(plan.total_steps, tc.warmup_ratio), tc.module_lrs)
     forward = strategy.prepare(model, optim)
     engine = TorchEngine(p, strategy, forward, lora_modules, plan.total_steps)
     return run_steps(p, engine, plan, optim.warmup_steps, stop_after, progress)
