@@ -75,3 +75,68 @@ def test_module_lrs_apply_the_same_on_both_backends(tmp_path, tiny_ckpt, dataset
     assert opt.lr_of("language_model.model.layers.0.mlp.up_proj.weight") == pytest.approx(LR * f)
     plain = _train_keeping(tmp_path / "plain", "mlx", "p", **_settings(tiny_ckpt, *dataset))[0]
     assert abs(read_losses(plain)[-1] - read_losses(b)[-1]) > 1e-4  # the groups' lrs changed the trajectory
+
+
+# ---------------------------------------------------------------- --group-by-modality-length
+def _grouped_plan(n=23, batch=2, accum=2, world=1, seed=5, max_steps=None, epochs=2):
+    from parrot.training.schedule import StepPlan
+
+    rng = np.random.default_rng(0)
+    modality = [bool(x) for x in rng.random(n) < 0.6]
+    lengths = rng.integers(10, 500, n).tolist()
+    return StepPlan(n, batch, accum, seed, epochs, max_steps, world, modality, lengths), modality, lengths
+
+
+def test_modality_grouped_batches_hold_one_modality_and_cover_every_sample_once_per_epoch():
+    plan, modality, lengths = _grouped_plan()
+    g = plan.global_batch
+    n_image = sum(modality)
+    assert plan.steps_per_epoch == -(-n_image // g) + -(-(23 - n_image) // g)
+    for epoch in range(2):
+        steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
+        batches = [plan.global_batch_at(s) for s in steps]
+        assert sorted(i for b in batches for i in b) == list(range(23))  # every sample once
+        for b in batches:
+            assert len({modality[i] for i in b}) == 1, b  # one modality each
+            assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)  # similar lengths
+            assert 0 < len(b) <= g
+        assert sum(len(b) < g for b in batches) <= 2  # only each modality's remainder is smaller
+        micro = [i for s in steps for mb in plan.micro_batches(s) for i in mb]
+        assert sorted(micro) == list(range(23))
+    a = [plan.global_batch_at(s) for s in range(plan.steps_per_epoch)]
+    b = [plan.global_batch_at(s) for s in range(plan.steps_per_epoch, 2 * plan.steps_per_epoch)]
+    assert a != b  # a fresh layout per epoch
+
+
+def test_modality_grouped_plan_is_a_function_of_the_step():
+    plan, *_ = _grouped_plan()
+    fresh, *_ = _grouped_plan()
+    for s in reversed(range(plan.total_steps)):  # another object, visited in another order: same batches
+        assert fresh.global_batch_at(s) == plan.global_batch_at(s)
+    by4 = _grouped_plan(batch=4, accum=1)[0]
+    split = _grouped_plan(batch=1, accum=2, world=2)[0]
+    for s in range(plan.total_steps):
+        assert by4.global_batch_at(s) == split.global_batch_at(s) == plan.global_batch_at(s)
+    assert sum(len(split.micro_batches(s, r)[0]) for r in range(2) for s in range(1)) >= 2
+
+
+@requires_torch
+@requires_mlx
+def test_grouped_runs_agree_across_backends_and_resume_exactly(tmp_path, tiny_ckpt, dataset):
+    import json
+
+    from parrot.training import train
+
+    settings = _settings(tiny_ckpt, *dataset, group_by_modality_length=True, max_steps=4, save_every=1, lr=1e-3)
+    a, _ = _train_keeping(tmp_path / "cpu", "cpu", "p", **settings)
+    b, _ = _train_keeping(tmp_path / "mlx", "mlx", "p", **settings)
+    np.testing.assert_allclose(read_losses(a), read_losses(b), rtol=1e-4)
+    rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    # 7 samples, batch 2: 5 with an image (3 steps), 2 text-only (1 step); the text-only step has no visual
+    # tokens, so by far the fewest tokens (a mixed batch would hold at least one image's)
+    tokens = sorted(r["num_tokens"] for r in rows)
+    assert tokens[0] < 0.5 * tokens[1], tokens
+    stopped = tmp_path / "stopped"
+    train(TrainConfig(output=str(stopped), backend="cpu", **settings), stop_after=2, progress=False)
+    train(TrainConfig(output=str(stopped), backend="cpu", resume=True, **settings), progress=False)
+    assert read_losses(stopped) == read_losses(a)

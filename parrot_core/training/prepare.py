@@ -105,7 +105,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
                      progress=progress and rank == 0)
     ds = None
     if raw_ds is not None:
-        plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, world_size)
+        plan = StepPlan.for_run(tc, data, world_size)
         ds = resolve_ds_config(
             raw_ds, batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world_size, lr=tc.lr,
             weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, dtype=tc.dtype,

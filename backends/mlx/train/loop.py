@@ -37,7 +37,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     tc, data, src = p.config, p.data, p.source
     random.seed(tc.seed)
     np.random.seed(tc.seed)
-    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps)
+    plan = StepPlan.for_run(tc, data)
     model = build_model(src, tc.seed)
     lora_modules = set_trainable(model, tc)
     cast_frozen(model, tc.dtype)

@@ -38,7 +38,7 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     tc, data, src = p.config, p.data, p.source
     strategy = make_strategy(p)
     _seed_everything(tc.seed)
-    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, strategy.world_size)
+    plan = StepPlan.for_run(tc, data, strategy.world_size)
     model = build_model(src, strategy.build_device, tc.seed)
     if tc.lora:
         lora_modules = apply_lora(model, tc)
