@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from .prepare import PreparedRun
+from .report import open_reporter
 from .run_dir import MODEL_DIR, STATE_NAME, host_rng_state, read_json, set_host_rng_state, write_json
 from .schedule import StepPlan
 from .source import write_model_description
@@ -99,6 +100,7 @@ def run_steps(p: PreparedRun, engine: Engine, plan: StepPlan, warmup_steps: int,
     echo(f"{plan.total_steps} steps of {plan.global_batch} samples ({tc.batch_size} x {tc.grad_accum} accumulation"
          f"{split}), lr {tc.lr:g}, {what}")
 
+    reporter = open_reporter(tc.report_to, run.root, run_config) if engine.rank == 0 else None
     batches = engine.batches(plan, start)
     bar = tqdm(total=plan.total_steps, initial=start, desc=f"stage {tc.stage}", unit="step",
                disable=not progress or engine.rank != 0, dynamic_ncols=True)
@@ -122,12 +124,16 @@ def run_steps(p: PreparedRun, engine: Engine, plan: StepPlan, warmup_steps: int,
                 peak = max(peak, s.peak_memory_gib)
             if engine.rank == 0:
                 run.log_metrics(row)
+                if reporter is not None:
+                    reporter.log(row)
             bar.set_postfix(postfix)
             bar.update(1)
             if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps:
                 save_checkpoint(p, engine, step + 1, plan, run_config)
     finally:
         bar.close()
+        if reporter is not None:
+            reporter.close()
     if peak:
         echo(f"peak memory: {f'{peak:.2f} GiB' if peak >= 1 else f'{peak * 1024:.0f} MiB'}")
 

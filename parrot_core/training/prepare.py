@@ -18,6 +18,7 @@ from ..storage.fsutil import check_output
 from .config import TrainConfig
 from .data import LlavaData
 from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
+from .report import check_reporter
 from .run_dir import RunDir, read_json, write_json
 from .schedule import StepPlan, warmup_steps
 from .source import ModelSource, open_source
@@ -90,6 +91,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
         raise ParrotError(f"launched with {world_size} processes but neither --deepspeed nor --fsdp: pass one of "
                           "them (e.g. --deepspeed zero3 or --fsdp), or run one process")
     _check_output(tc)
+    check_reporter(tc.report_to)
     raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
     if rank == 0:  # the other ranks may look only after rank 0 created the directory
