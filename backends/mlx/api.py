@@ -31,6 +31,15 @@ class MLXParrot(ParrotModel):
             apply_adapter(self.model, adapter)
             self.adapter = adapter
 
+    @classmethod
+    def from_module(cls, model, checkpoint, dtype: str, spec: BackendSpec) -> MLXParrot:
+        """A view of a model that lives elsewhere (a trainer's, for evaluation during training)."""
+        self = cls.__new__(cls)
+        ParrotModel.__init__(self, checkpoint, dtype, spec)
+        self.mx_dtype = MX_DTYPES[dtype]
+        self.model = model
+        return self
+
     # ---------------------------------------------------------------- vision
     def image_features(self, pixels: np.ndarray) -> mx.array:
         return self.model.encode_images(mx.array(np.asarray(pixels, dtype=np.float32)).astype(self.mx_dtype))

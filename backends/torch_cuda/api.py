@@ -28,6 +28,16 @@ class TorchParrot(ParrotModel):
         self.model = load_torch_model(checkpoint, spec.device, dtype, adapter=adapter)
         self.adapter = adapter
 
+    @classmethod
+    def from_module(cls, model, checkpoint, dtype: str, spec: BackendSpec) -> TorchParrot:
+        """A view of a model that lives elsewhere (a trainer's, for evaluation during training)."""
+        self = cls.__new__(cls)
+        ParrotModel.__init__(self, checkpoint, dtype, spec)
+        self.device = next(model.parameters()).device
+        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.model = model
+        return self
+
     def _tensor(self, a: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
 

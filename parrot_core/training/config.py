@@ -210,6 +210,9 @@ class TrainConfig:
             raise ParrotError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {self.report_to!r}")
         if (self.eval_every is not None or self.eval_limit is not None or self.save_best) and not self.eval_data:
             raise ParrotError("--eval-every / --eval-limit / --save-best need --eval-data FILE.tsv")
+        if self.eval_data and self.strategy != "single":
+            raise ParrotError("--eval-data evaluates on rank 0 of a one-process run; drop --deepspeed / --fsdp, or "
+                              "evaluate the checkpoints with `parrot eval` (sharded over processes)")
         if self.eval_data and self.eval_every is None:
             raise ParrotError("--eval-data needs --eval-every N (evaluate every N steps)")
         for name in ("eval_every", "eval_limit"):

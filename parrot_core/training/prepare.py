@@ -92,6 +92,10 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
                           "them (e.g. --deepspeed zero3 or --fsdp), or run one process")
     _check_output(tc)
     check_reporter(tc.report_to)
+    if tc.eval_data:
+        from .evaluation import eval_sources
+
+        eval_sources(tc)  # a missing --eval-data file fails before the run starts
     raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
     if rank == 0:  # the other ranks may look only after rank 0 created the directory

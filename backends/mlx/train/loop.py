@@ -8,6 +8,7 @@ as are the data order, step plan and lr schedule (parrot.training.schedule).
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from parrot import registry
 from parrot.errors import ParrotError
 from parrot.training import PreparedRun
+from parrot.training.evaluation import model_checkpoint
 from parrot.training.loop import StepStats, run_steps
 from parrot.training.schedule import StepPlan, cosine_lr_factor, warmup_steps
 
@@ -124,6 +127,18 @@ class MLXEngine:
                     f"--adapter {out}; fuse it: parrot convert ... --fuse-adapter {out})")
         export_model(self.model, src, out, tc.dtype, tc.max_length, layout=tc.save_layout)
         return f"saved the trained model to {out} (next stage: --model {out})"
+
+    @contextlib.contextmanager
+    def eval_model(self) -> Iterator[Any]:
+        """The trained model as a ParrotModel in eval mode (no LoRA dropout)."""
+        from ..api import MLXParrot
+
+        tc = self.p.config
+        self.model.eval()
+        try:
+            yield MLXParrot.from_module(self.model, model_checkpoint(self.p.source), tc.dtype, registry.get(tc.backend))
+        finally:
+            self.model.train()
 
     def barrier(self) -> None:
         pass

@@ -9,6 +9,7 @@ checkpoints, export) is the shared one (parrot.training.loop).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from parrot import registry
 from parrot.training import PreparedRun
+from parrot.training.evaluation import model_checkpoint
 from parrot.training.loop import StepStats, run_steps
 from parrot.training.schedule import StepPlan, warmup_steps
 
@@ -130,6 +132,22 @@ class TorchEngine:
                     f"{src.tokenizer_dir} --adapter {out}; fuse it: parrot convert ... --fuse-adapter {out})")
         export_model(self.strategy, self.p.source, out, self.p.config.dtype, self.p.config.max_length)
         return f"saved the trained model to {out} (next stage: --model {out})"
+
+    @contextlib.contextmanager
+    def eval_model(self) -> Iterator[Any]:
+        """The trained model as a ParrotModel in eval mode, under the run's autocast (rank 0, one process)."""
+        from ..api import TorchParrot
+
+        tc, model = self.p.config, self.strategy.model
+        view = TorchParrot.from_module(model, model_checkpoint(self.p.source), tc.dtype, registry.get(tc.backend))
+        amp = (torch.autocast(self.device.type, dtype=TORCH_DTYPES[tc.dtype]) if tc.dtype != "float32"
+               else contextlib.nullcontext())
+        model.eval()
+        try:
+            with amp:
+                yield view
+        finally:
+            model.train()
 
     def barrier(self) -> None:
         self.strategy.barrier()
