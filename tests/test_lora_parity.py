@@ -223,3 +223,35 @@ def test_peft_model_on_transformers_qwen2_gives_our_logits(tiny_ckpt, dataset, t
     assert np.abs(theirs - mine).max() < 1e-4
     assert np.abs(_logits(parrot.load(tiny_ckpt, backend="mlx", adapter=out)) - theirs).max() < 1e-4
     assert np.abs(_logits(parrot.load(tiny_ckpt, backend="cpu")) - theirs).max() > 1e-3  # the adapter matters
+
+
+@pytest.mark.parametrize("run, backend", [("cpu", "mlx"), ("mlx", "cpu")])
+def test_chat_with_an_adapter_of_the_other_backend(runs, tiny_ckpt, dataset, run, backend):
+    import parrot
+    from conftest import run_parrot_here
+    from parrot.cli.repl import printable
+
+    image = dataset[1] / "img1.png"
+    p = run_parrot_here("chat", "--backend", backend, "--model", tiny_ckpt, str(image), "--adapter", runs[run][0],
+                        "--prompt", PROMPT, "--max-tokens", "6")
+    assert p.returncode == 0, p.stderr
+    want = parrot.load(tiny_ckpt, backend=backend, adapter=runs[run][0]).generate(PROMPT, image, max_tokens=6).text
+    plain = parrot.load(tiny_ckpt, backend=backend).generate(PROMPT, image, max_tokens=6).text
+    assert p.stdout == printable(want) + "\n"
+    assert want != plain  # the adapter is applied
+
+
+@pytest.mark.parametrize("run", ["cpu", "mlx"])
+def test_fused_adapter_of_either_format_gives_the_adapted_logits(runs, tiny_ckpt, dataset, tmp_path, run):
+    import parrot
+
+    p = run_parrot("convert", tiny_ckpt, tmp_path / "fused", "--to", "hf", "--fuse-adapter", runs[run][0])
+    assert p.returncode == 0, p.stderr
+    image = dataset[1] / "img0.png"
+    want = _logits(parrot.load(tiny_ckpt, backend="mlx", adapter=runs[run][0]), image)
+    for backend in ("cpu", "mlx"):
+        assert np.abs(_logits(parrot.load(tmp_path / "fused", backend=backend), image) - want).max() < 1e-4
+    fused = CheckpointFiles(tmp_path / "fused")
+    trained = CheckpointFiles(runs[run][0] / "checkpoints" / f"step-{STEPS:08d}")
+    key = "model.mm_projector.0.weight"  # the fully trained projector replaces the base's
+    assert np.array_equal(fused.read(key), trained.read(key if run == "cpu" else "mm_projector.0.weight"))
