@@ -4,7 +4,8 @@
 #   2. runs the CUDA tests (pytest -m cuda: inference parity, bf16 training loop, FSDP2 / ZeRO-3 smoke),
 #   3. a short stage-2 run of a ~0.7 B random Parrot (CLIP ViT-L/14-336, ~1150 tokens with an image per
 #      sample) in one process under the plain loop, FSDP2 and DeepSpeed ZeRO-3, printing tokens/s/GPU,
-#      MFU and peak memory (scripts/bench_gpu_train.py states the FLOP formula).
+#      MFU and peak memory (scripts/bench_gpu_train.py states the FLOP formula), then the same model with
+#      LoRA (PEFT, --lora) and QLoRA (--lora --quantize 4: NF4 base through bitsandbytes) (issue 16).
 # Each part has its own time limit and a failure does not stop the others; the whole stays under
 # GPU_CHECK_BUDGET seconds (default 470). Everything is printed and copied to $OUT/gpu_check.log ($OUT if set).
 #
@@ -82,7 +83,7 @@ import importlib.util, platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'gpus', torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-')
 mods = ['parrot', 'transformers', 'deepspeed', 'tokenizers', 'safetensors', 'ml_dtypes', 'click', 'tqdm', 'PIL',
-        'huggingface_hub', 'pytest']
+        'huggingface_hub', 'pytest', 'peft', 'bitsandbytes']
 print('missing modules:', [m for m in mods if importlib.util.find_spec(m) is None] or 'none')
 EOF"
 fi
@@ -91,7 +92,9 @@ part "cuda tests" 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_
 
 BENCH=$(mktemp -d)
 part "bench: prepare model + data" 90 "$PY" scripts/bench_gpu_train.py prepare "$BENCH" $SMALL
-for strategy in single fsdp zero3; do
+TRAIN_RUNS="single lora qlora fsdp zero3"
+[[ $MODE == cpu ]] && TRAIN_RUNS="single lora fsdp zero3"  # QLoRA (bitsandbytes NF4) needs CUDA
+for strategy in $TRAIN_RUNS; do
     part "bench: $strategy" 120 "$PY" scripts/bench_gpu_train.py run "$BENCH" --strategy $strategy \
         --steps $STEPS --device $DEVICE
 done
