@@ -255,3 +255,33 @@ def test_fused_adapter_of_either_format_gives_the_adapted_logits(runs, tiny_ckpt
     trained = CheckpointFiles(runs[run][0] / "checkpoints" / f"step-{STEPS:08d}")
     key = "model.mm_projector.0.weight"  # the fully trained projector replaces the base's
     assert np.array_equal(fused.read(key), trained.read(key if run == "cpu" else "mm_projector.0.weight"))
+
+
+def test_odd_peft_configs_are_refused_cleanly(tmp_path):
+    import random
+
+    from parrot.errors import ParrotError
+    from parrot.storage.safetensors_io import save_file
+    from parrot.training.adapter import read_adapter
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{q}.lora_A.weight": np.ones((2, 8), np.float32), f"{q}.lora_B.weight": np.ones((8, 2), np.float32)},
+              tmp_path / "adapter_model.safetensors")
+    good = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": [q[17:]]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good))
+    a = read_adapter(tmp_path)
+    assert a.format == "peft" and a.scale == 2.0 and a.modules == ["language_model.model.layers.0.self_attn.q_proj"]
+    assert a.weights["language_model.model.layers.0.self_attn.q_proj.lora_a"].shape == (8, 2)  # A = lora_A^T
+    odd = [None, True, -1, 0, 1.5, float("nan"), "x", [], {}, 10**30, [1], {"a": 1}]
+    keys = [*good, "use_rslora", "use_dora", "bias", "rank_pattern", "fan_in_fan_out"]
+    rng, refused = random.Random(0), 0
+    for _ in range(300):
+        cfg = dict(good)
+        for _ in range(rng.randint(1, 3)):
+            cfg[rng.choice(keys)] = rng.choice(odd)
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        try:
+            read_adapter(tmp_path)
+        except ParrotError:
+            refused += 1
+    assert refused > 150  # the rest are harmless values (e.g. use_rslora None); nothing else escapes

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ParrotError
 from ..model.layout import mlx_to_official_key, official_to_mlx_array, official_to_mlx_key
+from ..model.schema import ADAPTER_CONFIG, check
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -82,7 +83,7 @@ def read_peft(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         raise ParrotError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters apply")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, int | float) \
-            or isinstance(alpha, bool):
+            or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ParrotError(f"{where}: needs an integer r >= 1 and a number lora_alpha (got r {r!r}, "
                           f"lora_alpha {alpha!r})")
     dropout = cfg.get("lora_dropout") or 0.0
@@ -115,9 +116,10 @@ def read_peft(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     if record is not None:
         try:
             config = json.loads(record)
-            lp = config["lora_parameters"]
-        except (ValueError, KeyError, TypeError):
-            raise ParrotError(f"{wpath}: corrupt {RECORD} metadata") from None
+        except ValueError:
+            raise ParrotError(f"{wpath}: corrupt {RECORD} metadata (not JSON)") from None
+        check(config, ADAPTER_CONFIG, f"{wpath} ({RECORD} metadata)")
+        lp = config["lora_parameters"]
         if int(lp["rank"]) != r or abs(float(lp["scale"]) - scale) > 1e-6 * max(1.0, abs(scale)):
             raise ParrotError(f"{wpath}: its record (rank {lp['rank']}, scale {lp['scale']}) disagrees with "
                               f"adapter_config.json (r {r}, lora_alpha {alpha})")
