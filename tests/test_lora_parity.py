@@ -285,3 +285,20 @@ def test_odd_peft_configs_are_refused_cleanly(tmp_path):
         except ParrotError:
             refused += 1
     assert refused > 150  # the rest are harmless values (e.g. use_rslora None); nothing else escapes
+
+
+def test_adapter_format_conversion_errors_are_clean(runs, tiny_ckpt, tmp_path):
+    from conftest import assert_clean_failure, run_parrot_here
+
+    ours = runs["mlx"][0]
+    p = run_parrot_here("convert", ours, tmp_path / "a", "--adapter-format", "peft", "-q", "4")
+    assert_clean_failure(p, "--adapter-format", "no other option")
+    p = run_parrot_here("convert", tiny_ckpt, tmp_path / "b", "--adapter-format", "peft")
+    assert_clean_failure(p, "adapter_config.json")
+    p = run_parrot_here("convert", ours, ours / "inside", "--adapter-format", "peft")
+    assert_clean_failure(p, "must not be the adapter")
+    assert not any((tmp_path / n).exists() for n in "ab") and not (ours / "inside").exists()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("x")  # an existing output that is not ours is never replaced
+    p = run_parrot_here("convert", ours, tmp_path / "c", "--adapter-format", "peft", "--force")
+    assert p.returncode != 0 and (tmp_path / "c" / "keep.txt").read_text() == "x"

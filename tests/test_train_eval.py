@@ -82,3 +82,20 @@ def test_eval_flags_fail_cleanly(tmp_path, tiny_ckpt, dataset):
     p = run_parrot_here(*common, "--save-best")
     assert_clean_failure(p, "--save-best", "--eval-data")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_stopped_run_with_evaluation_resumes_to_the_same_losses_and_scores(tmp_path, tiny_ckpt, dataset, tsvs):
+    settings = dict(eval_data=[str(tsvs[1])], eval_every=2, eval_limit=2, save_every=1, max_steps=4)
+    ref = _train(tmp_path / "ref", "cpu", tiny_ckpt, *dataset, **settings)
+    from parrot.training import train
+
+    out = tmp_path / "stopped"
+    s = dict(stage=2, data=str(dataset[0]), image_dir=str(dataset[1]), output=str(out), model=str(tiny_ckpt),
+             backend="cpu", num_workers=0, batch_size=2, grad_accum=1, lr=1e-3, warmup_ratio=0.0, **settings)
+    train(TrainConfig(**s), stop_after=3, progress=False)
+    train(TrainConfig(**s, resume=True), progress=False)
+    a, b = _rows(ref), _rows(out)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and "eval/accuracy" in b[3]
+    for x, y in zip(a, b, strict=True):
+        x.pop("tokens_per_s"), y.pop("tokens_per_s")
+        assert x == y

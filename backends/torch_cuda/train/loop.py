@@ -41,7 +41,8 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     strategy = make_strategy(p)
     _seed_everything(tc.seed)
     plan = StepPlan.for_run(tc, data, strategy.world_size)
-    model = build_model(src, strategy.build_device, tc.seed)
+    # QLoRA: build on the host, so the float weights never fill the GPU before they are quantized
+    model = build_model(src, "cpu" if tc.quantize else strategy.build_device, tc.seed)
     if tc.lora:
         lora_modules = apply_lora(model, tc)
     else:
