@@ -6,8 +6,7 @@ float32 (b ** step on the device), decays every parameter, and updates m as b1 m
 where torch lerps. This one follows torch's single-tensor AdamW step by step: decay (matrices
 only, as the torch backend's parameter groups), m lerp, v, bias corrections in float64 on the host,
 p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). betas (0.9, 0.999), eps 1e-8 (transformers'
-adamw_torch defaults). `module_lrs` gives modules their own peak learning rate (the torch backend's
-parameter groups: --mm-projector-lr, --moe-lr); the trainer sets `lr` and the schedule's `lr_factor`.
+adamw_torch defaults).
 """
 
 from __future__ import annotations
@@ -20,13 +19,15 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 
 class TorchAdamW(Optimizer):
+    """`module_lrs` gives modules their own peak learning rate (the torch backend's parameter groups:
+    --mm-projector-lr, --moe-lr); the trainer sets `lr` and the schedule's `lr_factor` each step."""
+
     def __init__(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, module_lrs: dict[str, float] | None = None):
         super().__init__()
         self.lr = lr  # set before each step (the schedule lives in the trainer)
         self.lr_factor = 1.0  # the schedule's factor, for the modules with their own peak lr
         self.module_lrs = {f"{k}.": v for k, v in (module_lrs or {}).items()}
-        self._lr_now = lr
         self.weight_decay = weight_decay
         self.betas = betas
         self.eps = eps
@@ -46,23 +47,26 @@ class TorchAdamW(Optimizer):
             self.init(gradients)
         self.num_steps += 1
         self.state["step"] = self.step + 1
+        base = self.lr
 
         def one(path, g, p, state):
-            self._lr_now = self.lr_of(path)
-            return self.apply_single(g, p, state)
+            self.lr = self.lr_of(path)  # apply_single reads self.lr
+            try:
+                return self.apply_single(g, p, state)
+            finally:
+                self.lr = base
 
         return tree_map_with_path(one, gradients, parameters, self.state)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         b1, b2 = self.betas
         t = self.num_steps
-        lr = self._lr_now
         if self.weight_decay and parameter.ndim >= 2:
-            parameter = parameter * (1.0 - lr * self.weight_decay)
+            parameter = parameter * (1.0 - self.lr * self.weight_decay)
         m = state["m"] + (1.0 - b1) * (gradient - state["m"])
         v = b2 * state["v"] + (1.0 - b2) * gradient * gradient
         state["m"], state["v"] = m, v
-        step_size = lr / (1.0 - b1**t)
+        step_size = self.lr / (1.0 - b1**t)
         denom = mx.sqrt(v) / math.sqrt(1.0 - b2**t) + self.eps
         return parameter - step_size * (m / denom)
 
