@@ -2,12 +2,9 @@
 mid-size random Parrot, against a plain transformers Qwen2ForCausalLM training step on the same
 token batches (same lengths and padding, same optimizer, same gradient checkpointing), measured in
 the same run. The ratio is what the Parrot parts (CLIP tower, projector, MoE, splicing, data
-pipeline) cost on top of training the LLM alone. With --lora the same for `parrot train --lora` (PEFT
-adapters, rank 8, on the LLM's attention and MLP; projector and MoE trained fully) against PEFT's LoRA
-on the transformers Qwen2 alone, and LoRA / full fine-tuning of ours.
+pipeline) cost on top of training the LLM alone.
 
     .venv/bin/python scripts/bench_train.py [--steps 8] [--rounds 3] [--batch-size 4] [--hidden 512] [--layers 8]
-    .venv/bin/python scripts/bench_train.py --lora ...
 
 Rounds alternate the two, so both see the same machine load; best and median step over the rounds
 (the first step of each round, which pays for warm-up, is left out). On a shared machine the best
@@ -45,10 +42,8 @@ def write_data(root: Path, n: int, seed: int = 0) -> Path:
     return write_training_data(root, n, max_repeats=5, seed=seed)
 
 
-def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int,
-                           lora: bool = False) -> list[float]:
-    """A transformers Qwen2ForCausalLM trained on random tokens shaped like our micro-batches (with PEFT's
-    LoRA on its attention and MLP projections when `lora`)."""
+def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:
+    """A transformers Qwen2ForCausalLM trained on random tokens shaped like our micro-batches."""
     from parrot.backends.torch_cuda.model import qwen2_config
     from parrot.model.config import ParrotConfig
     from parrot.model.tower import resolve_vision_tower
@@ -63,12 +58,7 @@ def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, st
     from parrot.backends.torch_cuda.train.build import enable_activation_checkpointing
 
     enable_activation_checkpointing(model)  # the same helper the trainer applies (model.model: Qwen2Model)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=160, target_modules=targets))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
     rates = []
     for s in range(steps):
         t0, tokens = time.perf_counter(), 0
@@ -97,7 +87,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--lora", action="store_true", help="measure parrot train --lora (and PEFT on Qwen2) too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +107,7 @@ def main() -> None:
     n_params = sum(int(np.prod(s)) for s in Checkpoint.open(model_dir).files.shapes().values())
     print(f"model: {n_params / 1e6:.1f} M parameters (LLM hidden {args.hidden} x {args.layers} layers, vocab "
           f"{args.vocab}; CLIP 256 x 6, 65 visual tokens; 6 experts), batch {args.batch_size}, {args.steps} steps")
-    ours, ref, pads, ours_lora, ref_lora = [], [], [], [], []
+    ours, ref, pads = [], [], []
     for r in range(args.rounds):  # alternate, so both see the same machine load
         out = root / f"run{r}"
         train(replace(tc, output=str(out)), progress=False)
@@ -126,12 +115,6 @@ def main() -> None:
         ours += [row["tokens_per_s"] for row in rows[1:]]  # the first step pays for warm-up
         pads += [row["padding_fraction"] for row in rows]
         ref += reference_tokens_per_s(model_dir, data, tc, args.steps)[1:]
-        if args.lora:
-            out = root / f"lora{r}"
-            train(replace(tc, output=str(out), lora=True), progress=False)
-            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            ours_lora += [row["tokens_per_s"] for row in rows[1:]]
-            ref_lora += reference_tokens_per_s(model_dir, data, tc, args.steps, lora=True)[1:]
     pad = statistics.mean(pads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
@@ -141,15 +124,6 @@ def main() -> None:
     print(f"transformers Qwen2ForCausalLM:   {max(ref):9.0f}   {statistics.median(ref):11.0f}   same token batches")
     ratio_median = statistics.median(ours) / statistics.median(ref)
     print(f"ratio parrot / LLM alone:        {max(ours) / max(ref):9.2f}   {ratio_median:11.2f}")
-    if args.lora:
-        print(f"parrot train --lora:             {max(ours_lora):9.0f}   {statistics.median(ours_lora):11.0f}"
-              "   PEFT rank 8 on attention + MLP, projector + MoE full")
-        print(f"PEFT LoRA on Qwen2ForCausalLM:   {max(ref_lora):9.0f}   {statistics.median(ref_lora):11.0f}"
-              "   same token batches, same targets")
-        print(f"ratio parrot --lora / PEFT LLM:  {max(ours_lora) / max(ref_lora):9.2f}   "
-              f"{statistics.median(ours_lora) / statistics.median(ref_lora):11.2f}")
-        print(f"ratio --lora / full (ours):      {max(ours_lora) / max(ours):9.2f}   "
-              f"{statistics.median(ours_lora) / statistics.median(ours):11.2f}")
 
 
 if __name__ == "__main__":
