@@ -156,7 +156,8 @@ def create_app(model, settings: ServeSettings, log: Callable[[str], None] | None
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_id, "backend": model.backend,
-                "max_batch": settings.max_batch, "running": scheduler.running, "queued": scheduler.queued,
+                "max_batch": settings.max_batch, "running": scheduler.running, "peak_running": scheduler.peak_running,
+                "queued": scheduler.queued,
                 "vision": {"computed": scheduler.vision_computed, "cached": scheduler.vision_cached},
                 "auth": settings.api_key is not None}
 
@@ -329,5 +330,7 @@ def serve(model, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
         ready(f"http://{shown}:{bound}")
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly
+        pass
     finally:
         sock.close()

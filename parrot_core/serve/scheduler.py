@@ -69,6 +69,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._running = 0
+        self.peak_running = 0  # the largest batch so far (health)
         self._thread = threading.Thread(target=self._loop, name="parrot-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ the server's side
@@ -121,6 +122,7 @@ class Scheduler:
                 batch.remove(key)
                 del rows[key]
             self._running = len(rows)
+            self.peak_running = max(self.peak_running, len(rows))
             if not rows:
                 continue
             try:
