@@ -304,6 +304,52 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert post(server, {"model": "parrot-tiny", "messages": msg(), "max_tokens": 3}).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def web(files):
+    """A plain HTTP server on loopback for image URLs: the photo, a 21 MB file, a redirect to file:."""
+    import http.server
+    import threading
+
+    ckpt, allowed = files
+    photo = (allowed / "photo.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/photo.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(photo)))
+                self.end_headers()
+                self.wfile.write(photo)
+            elif self.path == "/huge.png":  # no Content-Length: the size bound must hold while reading
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(21):
+                    self.wfile.write(b"\x00" * (1 << 20))
+            elif self.path == "/to-file":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_http_image_urls_are_fetched_within_limits(server, client, local, web):
+    alone = local.generate(QUESTION, server.allowed / "photo.png", max_tokens=5).text
+    assert ask(client, [image_message(web + "/photo.png", QUESTION)], max_tokens=5)[0] == alone
+    for path, status in [("/missing.png", 400), ("/huge.png", 413), ("/to-file", 400)]:
+        r = post(server, {"model": "parrot-tiny", "messages": [image_message(web + path, "hi")]})
+        assert r.status_code == status, (path, r.text)
+        assert r.json()["error"]["param"] == "messages.content.image_url"
+
+
 def test_every_request_is_logged_and_ctrl_c_stops_cleanly(server):
     assert any('"POST /v1/chat/completions" 200 prompt=' in line for line in server.log)
     assert any('"POST /v1/chat/completions" 400' in line for line in server.log)
