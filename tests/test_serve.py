@@ -139,7 +139,9 @@ def test_eight_concurrent_clients_get_their_one_by_one_answers(server, client, l
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(one, range(8)))
     assert got == expected
-    assert server.health()["peak_running"] >= 2  # the requests really shared the decode batch
+    health = server.health()
+    assert health["peak_running"] >= 2  # the requests really shared the decode batch
+    assert health["running"] == 0 and health["queued"] == 0
 
 
 def test_stop_strings_cut_the_answer(server, client, local):

@@ -43,7 +43,7 @@ def _data_url(payload: str, m: re.Match, limits: Limits) -> bytes:
     if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
         raise APIError(413, f"image too large (over {limits.max_image_bytes:,} bytes)", PARAM)
     try:
-        return base64.b64decode(payload.strip(), validate=True)
+        return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
     except (binascii.Error, ValueError):
         raise bad("the data: URL's payload is not valid base64", PARAM) from None
 

@@ -134,6 +134,7 @@ class Scheduler:
                 continue
             for key, token in step:
                 self._token(batch, rows, key, token)
+            self._running = len(rows)
         with self._cv:
             left = [r.job for r in rows.values()] + list(self._pending)
             self._pending.clear()
