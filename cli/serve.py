@@ -30,11 +30,13 @@ from . import common
               help="Require 'Authorization: Bearer KEY' on /v1 requests.")
 @click.option("--allowed-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Let requests name image files by path, only inside this directory.")
+@click.option("--remote-images/--no-remote-images", default=True, show_default=True,
+              help="Download http(s) image URLs (off: only data: URLs and --allowed-local-dir paths).")
 @common.dtype_option()
 @common.vision_tower_option()
 @common.adapter_option()
 def serve(model_path, backend, host, port, max_batch, max_queue, max_tokens, max_tokens_limit, api_key,
-          allowed_local_dir, dtype, vision_tower, adapter_path):
+          allowed_local_dir, remote_images, dtype, vision_tower, adapter_path):
     """Serve Parrot over HTTP: OpenAI's /v1/chat/completions (text and image_url parts, streaming),
     /v1/models, /health, and a chat page at /.
 
@@ -65,7 +67,8 @@ def serve(model_path, backend, host, port, max_batch, max_queue, max_tokens, max
     model_id = local.name if local.is_dir() else str(model_path)
     settings = ServeSettings(model_name=str(model_path), model_id=model_id, max_batch=max_batch, max_queue=max_queue,
                              api_key=api_key, allowed_local_dir=allowed_local_dir,
-                             limits=Limits(max_tokens=max_tokens_limit, default_max_tokens=max_tokens))
+                             limits=Limits(max_tokens=max_tokens_limit, default_max_tokens=max_tokens,
+                                           remote_images=remote_images))
 
     def ready(url: str) -> None:
         click.echo(f"Serving {model_id} ({backend}, --max-batch {max_batch}) at {url}", err=True)

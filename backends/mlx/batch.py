@@ -70,7 +70,7 @@ class MLXDecodeBatch(DecodeBatch):
     def __init__(self, model):
         self.model, self.lm = model, model.language_model
         self._reset()
-        self._next = 0
+        self._next = self._steps = 0
 
     def _reset(self) -> None:
         self.cache: list | None = None  # one BatchKVCache per layer
@@ -106,7 +106,11 @@ class MLXDecodeBatch(DecodeBatch):
         with mx.stream(generation_stream):
             logits = self.lm(self.y[:, None], cache=self.cache)[:, -1].astype(mx.float32)
             self.y = sample_rows(self.samplers, list(range(len(self.keys))), logits)
-        return list(zip(self.keys, self.y.tolist()))
+        out = list(zip(self.keys, self.y.tolist()))
+        self._steps += 1
+        if self._steps % 256 == 0:  # as generate_tokens: return freed buffers in a long-running batch
+            mx.clear_cache()
+        return out
 
     def remove(self, key: int) -> None:
         if key not in self.keys:

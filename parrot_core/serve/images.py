@@ -29,6 +29,8 @@ def image_bytes(url: str, limits: Limits, allowed_dir: Path | None) -> bytes:
         return _data_url(url[m.end():], m, limits)
     lower = url[:8].lower()
     if lower.startswith(("http://", "https://")):
+        if not limits.remote_images:
+            raise bad("this server does not download images (--no-remote-images): send a data: URL (base64)", PARAM)
         return _download(url, limits)
     if _SCHEME.match(url) and not re.match(r"^[a-zA-Z]:[\\/]", url):  # a scheme, not a Windows drive
         scheme = url.split(":", 1)[0]
@@ -92,6 +94,13 @@ def _download(url: str, limits: Limits) -> bytes:
 
 
 def _local(url: str, limits: Limits, allowed_dir: Path | None) -> bytes:
+    try:
+        return _read_local(url, limits, allowed_dir)
+    except OSError as e:
+        raise bad(f"image {url!r} cannot be read ({e.strerror or e})", PARAM) from None
+
+
+def _read_local(url: str, limits: Limits, allowed_dir: Path | None) -> bytes:
     if allowed_dir is None:
         raise bad("local image paths are refused: send a data: URL (base64) or an http(s) URL, or start the "
                   "server with --allowed-local-dir DIR", PARAM)

@@ -44,6 +44,7 @@ class Limits:
     default_max_tokens: int = 512  # when the request names none
     max_image_bytes: int = 20 << 20  # an image's encoded size (data: URL or download)
     fetch_timeout: float = 10.0  # seconds for an http(s) image, in all
+    remote_images: bool = True  # download http(s) image URLs
     max_messages: int = 256
 
 
