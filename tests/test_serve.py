@@ -301,7 +301,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     while server.health()["running"] and time.monotonic() < t_end:
         time.sleep(0.05)
     assert server.health()["running"] == 0
-    assert any("(client left)" in line for line in server.log)
+    assert logged(server, lambda line: "(client left)" in line)
     # and the server answers the next request
     assert post(server, {"model": "parrot-tiny", "messages": msg(), "max_tokens": 3}).status_code == 200
 
@@ -352,8 +352,42 @@ def test_http_image_urls_are_fetched_within_limits(server, client, local, web):
         assert r.json()["error"]["param"] == "messages.content.image_url"
 
 
+def logged(server, pred, timeout: float = 10) -> bool:
+    """Whether the server logs a line for which pred holds (the log is read from its stderr as it comes)."""
+    import time
+
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if any(pred(line) for line in list(server.log)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_every_request_is_logged_and_ctrl_c_stops_cleanly(server):
-    assert any('"POST /v1/chat/completions" 200 prompt=' in line for line in server.log)
-    assert any('"POST /v1/chat/completions" 400' in line for line in server.log)
+    import json
+    import threading
+
+    assert post(server, {"model": "parrot-tiny", "messages": msg(), "max_tokens": 3}).status_code == 200
+    assert post(server, {"model": "parrot-tiny", "messages": msg(), "max_tokens": 0}).status_code == 400
+    assert logged(server, lambda line: '"POST /v1/chat/completions" 200 prompt=' in line
+                  and "completion=3 tokens" in line)
+    assert logged(server, lambda line: '"POST /v1/chat/completions" 400' in line)
+    lines, started = [], threading.Event()
+
+    def long_answer():  # still streaming when Ctrl-C comes
+        body = {"model": "parrot-tiny", "messages": msg("Go on."), "max_tokens": 4000, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", content=json.dumps(body),
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                started.set()
+
+    reader = threading.Thread(target=long_answer)
+    reader.start()
+    assert started.wait(30)
     assert server.interrupt() == 0, "\n".join(server.log)
-    assert server.log[-1] == "Server stopped."
+    reader.join(10)
+    assert server.log[-1] == "Server stopped." and not any("Traceback" in line for line in server.log)
+    events = [x for x in lines if x]
+    assert events[-1] == "data: [DONE]" and "shutting_down" in events[-2]  # the client is told, not cut off

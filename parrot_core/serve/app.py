@@ -61,6 +61,7 @@ class Guard:
 
     def __init__(self, app, settings: ServeSettings, log: Callable[[str], None]):
         self.app, self.settings, self.log = app, settings, log
+        self.scheduler: Scheduler | None = None  # create_app's, stopped first on Ctrl-C
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -263,7 +264,9 @@ def create_app(model, settings: ServeSettings, log: Callable[[str], None] | None
                              "finish_reason": job.finish_reason, "logprobs": None}],
                 "usage": usage(), "system_fingerprint": None}
 
-    return Guard(app, settings, log)
+    guard = Guard(app, settings, log)
+    guard.scheduler = scheduler
+    return guard
 
 
 async def _sse(job: Job, events: asyncio.Queue, cid: str, created: int, model_id: str, include_usage: bool,
@@ -323,9 +326,17 @@ def serve(model, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    config = uvicorn.Config(create_app(model, settings, log), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=3, lifespan="on")
-    server = uvicorn.Server(config)
+    app = create_app(model, settings, log)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Ctrl-C: answers in progress end now (a 503 error event / response), so their connections close
+            # at once and uvicorn's graceful shutdown does not wait for them
+            await asyncio.to_thread(app.scheduler.stop)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, lifespan="on")
+    server = Server(config)
     if ready is not None:
         ready(f"http://{shown}:{bound}")
     try:
