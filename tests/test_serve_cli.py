@@ -6,7 +6,7 @@ import socket
 
 from click.testing import CliRunner
 
-from conftest import assert_clean_failure, requires_torch, run_parrot, run_parrot_here, without_packages
+from conftest import assert_clean_failure, requires_mlx, requires_torch, run_parrot, run_parrot_here, without_packages
 from parrot.cli.main import cli
 
 
@@ -39,3 +39,17 @@ def test_a_port_in_use_is_one_clear_error(tiny_ckpt):
 def test_without_the_serve_extra_it_says_what_to_install(tmp_path):
     p = run_parrot("serve", "--model", tmp_path, env=without_packages("fastapi"))
     assert_clean_failure(p, "parrot-vlm[serve]")
+
+
+@requires_mlx
+def test_an_mlx_server_never_imports_torch(tiny_ckpt):
+    """A Mac installs [mlx,serve] without torch: the server's modules must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, parrot, parrot.cli.serve; from parrot.serve.app import ServeSettings, create_app; "
+            f"m = parrot.load({str(tiny_ckpt)!r}, backend='mlx'); create_app(m, ServeSettings('m', 'm')); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, **without_packages("torch")})
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
