@@ -13,7 +13,7 @@ from parrot.model.checkpoint import Checkpoint
 from parrot.registry import BackendSpec
 from parrot.training.adapter import Adapter
 
-from .batch import generate_tokens_batch
+from .batch import TorchDecodeBatch, generate_tokens_batch
 from .generate import generate_tokens
 from .loading import TORCH_DTYPES, load_torch_model
 
@@ -99,6 +99,9 @@ class TorchParrot(ParrotModel):
     def generate_tokens_batch(self, embeds: Sequence[torch.Tensor], params: Sequence[SamplingParams],
                               stop: frozenset[int]) -> Iterator[list[tuple[int, int]]]:
         return generate_tokens_batch(self, list(embeds), list(params), stop)
+
+    def new_decode_batch(self) -> TorchDecodeBatch:
+        return TorchDecodeBatch(self)
 
     # ---------------------------------------------------------------- arrays and device
     def to_numpy(self, array: torch.Tensor) -> np.ndarray:
