@@ -8,6 +8,7 @@ import pytest
 from train_helpers import write_dataset
 
 from conftest import assert_clean_failure, requires_torch, run_parrot_here
+from parrot.errors import ParrotError
 from parrot.training.config import TrainConfig
 
 pytestmark = requires_torch
@@ -78,4 +79,22 @@ def test_report_to_a_missing_logger_fails_before_the_run(tmp_path, tiny_ckpt, da
     p = run_parrot_here("train", "--backend", "cpu", "--stage", "2", "--model", tiny_ckpt, "--data", data,
                         "--image-dir", images, "--output", tmp_path / "o", "--report-to", "tensorboard")
     assert_clean_failure(p, "--report-to tensorboard", "parrot-vlm[tensorboard]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_qlora_without_bitsandbytes_fails_before_the_run(tmp_path, tiny_ckpt, dataset, monkeypatch):
+    import sys
+
+    from parrot import registry
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    real = registry.BACKENDS["cuda"]
+    monkeypatch.setitem(registry.BACKENDS, "cuda", type(real)(**{**real.__dict__, "probe": None}))  # as if a GPU
+    from parrot.training import train
+
+    data, images = dataset
+    tc = TrainConfig(stage=2, data=str(data), image_dir=str(images), output=str(tmp_path / "o"), model=str(tiny_ckpt),
+                     backend="cuda", lora=True, quantize=4)
+    with pytest.raises(ParrotError, match=r"bitsandbytes.*parrot-vlm\[qlora\]"):
+        train(tc, progress=False)
     assert not (tmp_path / "o").exists()

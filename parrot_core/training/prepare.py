@@ -92,6 +92,8 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
                           "them (e.g. --deepspeed zero3 or --fsdp), or run one process")
     _check_output(tc)
     check_reporter(tc.report_to)
+    if tc.quantize and (err := registry.import_problem("bitsandbytes")):
+        raise ParrotError(f"--quantize 4 needs bitsandbytes ({err}): pip install 'parrot-vlm[qlora]'")
     if tc.eval_data:
         from .evaluation import eval_sources
 
