@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": ("parrot.cli.generate", "generate", "Answer a JSONL file of (image, prompt) requests, resumably."),
     "bench": ("parrot.cli.bench", "bench", "Measure prompt/generation tokens per second and peak memory."),
     "eval": ("parrot.cli.eval", "eval_command", "Evaluate on MMMB / multilingual MMBench, scored as VLMEvalKit does."),
+    "serve": ("parrot.cli.serve", "serve", "OpenAI-compatible server (images, streaming, batching) + chat page."),
 }
 
 

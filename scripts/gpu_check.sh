@@ -88,7 +88,7 @@ import importlib.util, platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'gpus', torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-')
 mods = ['parrot', 'transformers', 'deepspeed', 'tokenizers', 'safetensors', 'ml_dtypes', 'click', 'tqdm', 'PIL',
-        'huggingface_hub', 'pytest']
+        'huggingface_hub', 'pytest', 'peft', 'bitsandbytes']
 print('missing modules:', [m for m in mods if importlib.util.find_spec(m) is None] or 'none')
 EOF"
 fi
@@ -102,6 +102,14 @@ part "cuda tests" 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_
 BENCH=$(mktemp -d)
 part "bench: prepare model + data" 90 "$PY" scripts/bench_gpu_train.py prepare "$BENCH" $SMALL
 for strategy in single fsdp zero3; do
+    part "bench: $strategy" 120 "$PY" scripts/bench_gpu_train.py run "$BENCH" --strategy $strategy \
+        --steps $STEPS --device $DEVICE
+done
+# issue 16: LoRA (PEFT) and QLoRA (--quantize 4: NF4 base through bitsandbytes, CUDA only) on the same model,
+# the projector and MoE trained fully beside the adapters: tokens/s/GPU, MFU (frozen LLM: 4 x params) and peak memory
+LORA_RUNS="lora qlora"
+[[ $MODE == cpu ]] && LORA_RUNS="lora"
+for strategy in $LORA_RUNS; do
     part "bench: $strategy" 120 "$PY" scripts/bench_gpu_train.py run "$BENCH" --strategy $strategy \
         --steps $STEPS --device $DEVICE
 done

@@ -21,7 +21,7 @@ from functools import partial
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 
 @partial(mx.compile, shapeless=True)
@@ -34,10 +34,15 @@ def adamw_update(parameter, gradient, m, v, decay, one_minus_b1, b2, one_minus_b
 
 
 class TorchAdamW(Optimizer):
+    """`module_lrs` gives modules their own peak learning rate (the torch backend's parameter groups:
+    --mm-projector-lr, --moe-lr); the trainer sets `lr` and the schedule's `lr_factor` each step."""
+
     def __init__(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, module_lrs: dict[str, float] | None = None):
         super().__init__()
         self.lr = lr  # set before each step (the schedule lives in the trainer)
+        self.lr_factor = 1.0  # the schedule's factor, for the modules with their own peak lr
+        self.module_lrs = {f"{k}.": v for k, v in (module_lrs or {}).items()}
         self.weight_decay = weight_decay
         self.betas = betas
         self.eps = eps
@@ -47,9 +52,26 @@ class TorchAdamW(Optimizer):
         state["m"] = mx.zeros_like(parameter)
         state["v"] = mx.zeros_like(parameter)
 
+    def lr_of(self, name: str) -> float:
+        """The learning rate this step applies to the parameter `name` (MLX path)."""
+        peak = next((v for k, v in self.module_lrs.items() if name.startswith(k)), None)
+        return self.lr if peak is None else peak * self.lr_factor
+
     def apply_gradients(self, gradients: dict, parameters: dict):
+        if not self._initialized:
+            self.init(gradients)
         self.num_steps += 1
-        return super().apply_gradients(gradients, parameters)
+        self.state["step"] = self.step + 1
+        base = self.lr
+
+        def one(path, g, p, state):
+            self.lr = self.lr_of(path)  # apply_single reads self.lr
+            try:
+                return self.apply_single(g, p, state)
+            finally:
+                self.lr = base
+
+        return tree_map_with_path(one, gradients, parameters, self.state)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         b1, b2 = self.betas

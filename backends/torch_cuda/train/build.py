@@ -59,8 +59,8 @@ def trainable_summary(model: nn.Module) -> str:
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            part = ("vision tower" if ".vision_tower." in name else "projector" if ".mm_projector." in name
-                    else "MoE" if ".moe_model." in name else "LLM")
+            part = ("LoRA" if ".lora_" in name else "vision tower" if ".vision_tower." in name
+                    else "projector" if ".mm_projector." in name else "MoE" if ".moe_model." in name else "LLM")
             groups[part] = groups.get(part, 0) + p.numel()
     n = sum(groups.values())
     parts = ", ".join(f"{k} {v:,}" for k, v in groups.items())
