@@ -41,6 +41,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	else $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" \
 	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; fi
 	$(PY) -m pip install -q -e ".[dev]"
+	@# the chat page's browser test (tests/test_serve_page.py) drives Debian's Chromium; install it where we
+	@# can (root with apt-get), never fail the install when we cannot (the test then skips, saying why)
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q chromium >/dev/null 2>&1)) || echo "note: could not install chromium (browser test will skip)"; fi
 	touch $@
 
 lint: install

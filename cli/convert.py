@@ -42,11 +42,13 @@ def _size(n: float) -> str:
 @click.option("--fuse-adapter", "--adapter-path", "adapter", default=None, metavar="DIR",
               help="Fuse this LoRA adapter (parrot train --lora's output, trained on SRC) into the weights "
               "(--adapter-path: mlx_lm.fuse's name).")
+@click.option("--adapter-format", type=click.Choice(["peft", "mlx-lm"]), default=None,
+              help="SRC is a LoRA adapter (either format): write it to DST in PEFT's or mlx-lm's format.")
 @click.option("--force", is_flag=True,
               help="Replace DST if it is a previous `parrot convert` output (anything else is never replaced).")
 def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, group_size: str | None,
             quantize_experts: bool | None, quantize_embeddings: bool | None, vision_tower: str | None,
-            config: str | None, adapter: str | None, force: bool) -> None:
+            config: str | None, adapter: str | None, adapter_format: str | None, force: bool) -> None:
     """Convert the Parrot model SRC (official or MLX directory, or a hub id) into DST.
 
     SRC may also be a training checkpoint (`parrot train`: OUTPUT/checkpoints/step-N), consolidated into a full
@@ -61,7 +63,16 @@ def convert(src: str, dst: str, to: str, dtype: str | None, bits: str | None, gr
       parrot convert parrot-7b-mlx parrot-7b-hf --to hf
       parrot convert runs/s2/checkpoints/step-00001000 s2-step1000 --to hf
       parrot convert parrot-7b-4bit parrot-7b-tuned --fuse-adapter runs/lora    # base + adapter, float
+      parrot convert runs/lora lora-peft --adapter-format peft                  # mlx-lm's adapter -> PEFT's
     """
+    if adapter_format is not None:
+        from parrot.convert.adapters import convert_adapter
+
+        if (to, dtype, bits, adapter, vision_tower, config) != ("mlx", None, None, None, None, None):
+            raise ParrotError("--adapter-format converts an adapter directory; it takes no other option but --force")
+        read = convert_adapter(src, dst, adapter_format, force=force)
+        click.echo(f"wrote the {read} adapter {src} as a {adapter_format} adapter to {dst}")
+        return
     from tqdm import tqdm
 
     from parrot.convert import convert_checkpoint

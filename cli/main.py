@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": ("parrot.cli.bench", "bench", "Measure prompt/generation tokens per second and peak memory."),
     "inspect": ("parrot.cli.inspect", "inspect", "Look inside a model: the MoE's routing weights per language."),
     "eval": ("parrot.cli.eval", "eval_command", "Evaluate on MMMB / multilingual MMBench, scored as VLMEvalKit does."),
+    "serve": ("parrot.cli.serve", "serve", "OpenAI-compatible server (images, streaming, batching) + chat page."),
 }
 
 

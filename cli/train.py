@@ -48,6 +48,9 @@ from parrot.training.config import TrainConfig
 @click.option("--num-workers", type=int, default=4, show_default=True, help="Data loader worker processes.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", "--grad-checkpoint/--no-grad-checkpoint",
               default=True, show_default=True, help="Recompute decoder layers in the backward pass (less memory).")
+@click.option("--packing/--no-packing", default=False, show_default=True,
+              help="Padding-free batches: each micro-batch's samples packed into one row, attention kept within "
+                   "each sample (flash-attention's varlen kernels on CUDA when installed); same loss, no padding.")
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
@@ -60,7 +63,8 @@ from parrot.training.config import TrainConfig
 @click.option("--fsdp", is_flag=True, help="Shard with FSDP2 (ZeRO-3 equivalent, checkpoints in DCP format).")
 @click.option("--save-layout", type=click.Choice(["official", "mlx"]), default="official", show_default=True,
               help="Layout of the final model (mlx: with --backend mlx). Both load everywhere.")
-@click.option("--lora", is_flag=True, help="mlx: train LoRA adapters on a frozen base (QLoRA on a quantized one).")
+@click.option("--lora", is_flag=True, help="Train LoRA adapters on the frozen LLM, plus the projector and MoE fully "
+              "(torch: PEFT, saved in PEFT's format; mlx: mlx-lm's LoRA and format, QLoRA on a quantized base).")
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank [default: 8].")
 @click.option("--lora-scale", type=float, default=None, help="LoRA scale, mlx-lm's convention [default: 20.0].")
 @click.option("--lora-alpha", type=float, default=None, help="Or PEFT's alpha: scale = alpha / rank.")
@@ -70,7 +74,24 @@ from parrot.training.config import TrainConfig
                    "experts (the MoE's), projector [default: attention,mlp of the LLM].")
 @click.option("--lora-layers", "--num-layers", "lora_layers", type=int, default=None,
               help="Adapt the last N LLM layers [default: all].")
-def train(stage: str, lora_targets: str | None, **flags) -> None:
+@click.option("--lora-only", "--train-adapters-only", "lora_only", is_flag=True,
+              help="With --lora: train the adapters only (projector and MoE frozen).")
+@click.option("--quantize", type=click.Choice(["4"]), default=None,
+              help="QLoRA (--backend cuda, with --lora): the frozen base in 4-bit NF4 (bitsandbytes).")
+@click.option("--mm-projector-lr", type=float, default=None, help="The projector's learning rate [default: --lr].")
+@click.option("--moe-lr", type=float, default=None, help="The MoE's learning rate [default: --lr].")
+@click.option("--group-by-modality-length", is_flag=True,
+              help="LLaVA's sampler: each batch holds image samples only or text-only samples only, of similar "
+              "length.")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+              help="Also log to TensorBoard (OUTPUT/runs) or Weights & Biases (WANDB_MODE=offline works); "
+              "metrics.jsonl is always written.")
+@click.option("--eval-data", multiple=True, metavar="FILE.tsv",
+              help="VLMEvalKit MCQ TSV(s) scored with `parrot eval`'s scorer during training (repeatable).")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (and at the end).")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate the first K questions of each TSV.")
+@click.option("--save-best", is_flag=True, help="Keep the checkpoint with the best mean eval accuracy.")
+def train(stage: str, lora_targets: str | None, quantize: str | None, eval_data: tuple[str, ...], **flags) -> None:
     """Train Parrot: stage 1 aligns the projector, stage 2 tunes projector, MoE and LLM.
 
     \b
@@ -82,12 +103,14 @@ def train(stage: str, lora_targets: str | None, **flags) -> None:
       torchrun --nproc_per_node 8 -m parrot.cli.main train --stage 2 --deepspeed zero3 ...
       deepspeed --num_gpus 8 --module parrot.cli.main train --stage 1 --deepspeed zero2 ...
       parrot train --backend mlx --stage 2 --model parrot-4bit --lora --data mine.json --output adapters/
+      parrot train --backend cuda --stage 2 --model runs/s1 --lora --quantize 4 --data sft.json --output qlora/
     """
     from parrot.training import train as run_training
     from parrot.training.adapter import parse_targets
 
     targets = parse_targets(lora_targets) if lora_targets is not None else None
-    run_training(TrainConfig(stage=int(stage), lora_targets=targets, **flags))
+    run_training(TrainConfig(stage=int(stage), lora_targets=targets, quantize=int(quantize) if quantize else None,
+                             eval_data=list(eval_data) or None, **flags))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # the run is complete and its process group destroyed; skip interpreter teardown, where gloo's and
         # DeepSpeed's C++ threads can still abort the process (pytorch/pytorch#179291) after a good run

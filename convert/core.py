@@ -144,7 +144,7 @@ def _ensure_chat_template(directory: Path) -> None:
 
 
 def _open_adapter(adapter, source: Source, notes: list[str]):
-    """(Adapter, official key -> module) checked against the source, or None."""
+    """(Adapter, official key -> module, official key -> fully trained tensor) checked against the source, or None."""
     if adapter is None:
         return None
     lora = read_adapter(adapter)
@@ -153,7 +153,7 @@ def _open_adapter(adapter, source: Source, notes: list[str]):
     if source.quantization:
         _warn(f"fusing the adapter into {source.path}'s dequantized weights (the base is quantized; the fused "
               "weights are float unless -q quantizes them again)", notes)
-    return lora, lora.official_keys()
+    return lora, lora.official_keys(), lora.official_full()
 
 
 def convert_checkpoint(
@@ -242,6 +242,8 @@ def convert_checkpoint(
         try:
             for it in items:
                 a = it.source.read()
+                if lora is not None and it.source.key in lora[2]:  # trained fully beside the adapters
+                    a = lora[2][it.source.key].astype(a.dtype)
                 if lora is not None and it.source.key in lora[1]:
                     a = a.astype(np.float32) + lora[0].delta(lora[1][it.source.key])
                 a = _cast(a, it.dtype, it.source.key, notes)

@@ -82,6 +82,10 @@ class ModelBackend(ABC):
         """Several prompts (each [1, T_i, C]) decoded together: per step, the (request index, token id)
         of every row still running; a row leaves at a `stop` token or its max_tokens."""
 
+    @abstractmethod
+    def new_decode_batch(self) -> DecodeBatch:
+        """An empty `DecodeBatch`: continuous batching, requests join and leave between decode steps."""
+
     # ---------------------------------------------------------------- arrays and device
     @abstractmethod
     def to_numpy(self, array: Array) -> np.ndarray:
@@ -98,6 +102,32 @@ class ModelBackend(ABC):
     @abstractmethod
     def peak_memory(self) -> int:
         """Peak memory in bytes since the last reset (CPU torch: the process's peak RSS)."""
+
+
+class DecodeBatch(ABC):
+    """A decode batch that requests join and leave between steps (continuous batching, `parrot serve`).
+
+    `add` prefills one prompt alone (exactly as one-by-one generation does) and samples its first token;
+    the row then joins the batch, its token pending. `step` feeds every row's pending token through the
+    LLM in one batched forward (left padding masked, each row at its own positions) and samples each
+    row's next token. The caller decides when a row is done (a stop token, its max_tokens, a client
+    that left) and calls `remove`. Greedy rows produce the tokens they would alone."""
+
+    @abstractmethod
+    def add(self, embeds: Array, params: Any) -> tuple[int, int]:
+        """Prefills embeds [1, T, C] (params: SamplingParams); returns (the row's key, its first token)."""
+
+    @abstractmethod
+    def step(self) -> list[tuple[int, int]]:
+        """One decode step of every row: (key, next token) each, in the order rows joined."""
+
+    @abstractmethod
+    def remove(self, key: int) -> None:
+        """Drops a row (its KV cache is freed); unknown keys are ignored."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """How many rows the batch holds."""
 
 
 def contract_methods() -> list[str]:

@@ -35,7 +35,8 @@ class BackendSpec:
     train_dtype: str = "float32"  # the default compute dtype of training
     sharding: bool = False  # --deepspeed / --fsdp
     half_precision_training: bool = False  # fp16 under DeepSpeed
-    lora_training: bool = False  # --lora (and QLoRA on a quantized base)
+    lora_training: bool = False  # --lora
+    qlora: str | None = None  # "quantized_base": LoRA on a quantized MLX base; "nf4": --quantize 4 (bitsandbytes)
     native_layout: str = "official"  # the layout its trainer can also save ("mlx": --save-layout mlx)
     process_group: str | None = None  # "module:Class" of a data-parallel group (torchrun); None: one process
 
@@ -51,18 +52,20 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             "mlx", "parrot.backends.mlx.api:MLXParrot", "parrot.backends.mlx.train.loop:run_training",
             ("mlx.core", "parrot.backends.mlx.mlxlm"), "pip install 'parrot-vlm[mlx]'", "mlx", "MLX",
-            "MLX (Apple silicon; CPU on Linux)", lora_training=True, native_layout="mlx",
+            "MLX (Apple silicon; CPU on Linux)", lora_training=True, qlora="quantized_base", native_layout="mlx",
         ),
         BackendSpec(
             "cpu", "parrot.backends.torch_cuda.api:TorchParrot", "parrot.backends.torch_cuda.train.loop:run_training",
             ("torch", "transformers"), "pip install 'parrot-vlm[torch]'", "torch", "PyTorch", "PyTorch on the CPU",
-            device="cpu", sharding=True, process_group="parrot.backends.torch_cuda.group:ProcessGroup",
+            device="cpu", sharding=True, lora_training=True,
+            process_group="parrot.backends.torch_cuda.group:ProcessGroup",
         ),
         BackendSpec(
             "cuda", "parrot.backends.torch_cuda.api:TorchParrot", "parrot.backends.torch_cuda.train.loop:run_training",
             ("torch", "transformers"), "pip install 'parrot-vlm[torch]'", "torch", "PyTorch", "PyTorch on a CUDA GPU",
             device="cuda", probe="parrot.backends.torch_cuda.device:cuda_problem", train_dtype="bfloat16",
-            sharding=True, half_precision_training=True, process_group="parrot.backends.torch_cuda.group:ProcessGroup",
+            sharding=True, half_precision_training=True, lora_training=True, qlora="nf4",
+            process_group="parrot.backends.torch_cuda.group:ProcessGroup",
         ),
     )
 }

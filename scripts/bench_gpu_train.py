@@ -1,17 +1,20 @@
 """Stage-2 training throughput of one device under each sharding strategy, in one process (world size 1):
-plain loop (bf16 autocast), FSDP2 and DeepSpeed ZeRO-3, on a mid-size random Parrot with an image in
+plain loop (bf16 autocast), FSDP2 and DeepSpeed ZeRO-3, and LoRA / QLoRA (`--lora`, `--lora --quantize 4`:
+adapters on the frozen LLM, projector and MoE trained fully), on a mid-size random Parrot with an image in
 every sample (~1k tokens). Prints tokens/s/GPU, MFU and peak memory per strategy, and the ratio to the
 plain loop measured in the same call (`scripts/gpu_check.sh` runs it).
 
     python scripts/bench_gpu_train.py prepare DIR [--small]          # model + data (once)
-    python scripts/bench_gpu_train.py run DIR --strategy fsdp|zero3|single [--steps 8] [--device cuda]
+    python scripts/bench_gpu_train.py run DIR --strategy fsdp|zero3|single|lora|qlora [--steps 8] [--device cuda]
 
 MFU = model FLOPs per step / (step time x peak bf16 dense FLOP/s of the GPU), model FLOPs per step =
 6 x (LLM params without the input embeddings) x tokens  (trained: forward + backward)
 + 6 x (projector + MoE params) x visual tokens          (trained; every expert runs on every visual token)
 + 2 x (CLIP tower params used) x visual tokens          (frozen: forward only).
-Attention-score FLOPs and the recomputation of gradient checkpointing are not counted (model FLOPs,
-not hardware FLOPs), so MFU here is a lower bound of the hardware's utilisation.
+With LoRA the frozen LLM costs 4 x params x tokens (forward, and the backward to its inputs; no weight
+gradients; the adapters' own FLOPs are negligible). Attention-score FLOPs and the recomputation of
+gradient checkpointing are not counted (model FLOPs, not hardware FLOPs), so MFU here is a lower bound
+of the hardware's utilisation.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def prepare(root: Path, small: bool, n: int = 64) -> None:
     print(f"prepared {root}")
 
 
-def model_flops_per_step(model_dir: Path, rows: list[dict], batch: int) -> tuple[float, dict]:
+def model_flops_per_step(model_dir: Path, rows: list[dict], batch: int, lora: bool = False) -> tuple[float, dict]:
     from parrot.model.checkpoint import Checkpoint
 
     ck = Checkpoint.open(model_dir)
@@ -88,7 +91,7 @@ def model_flops_per_step(model_dir: Path, rows: list[dict], batch: int) -> tuple
     }
     visual = cfg.num_visual_tokens(v) * batch  # every sample has one image
     tokens = statistics.mean(r["num_tokens"] for r in rows)
-    flops = 6 * p["llm"] * tokens + 6 * p["proj_moe"] * visual + 2 * p["vision"] * visual
+    flops = (4 if lora else 6) * p["llm"] * tokens + 6 * p["proj_moe"] * visual + 2 * p["vision"] * visual
     return flops, p
 
 
@@ -107,7 +110,8 @@ def run(root: Path, strategy: str, steps: int, batch: int, device: str, peak: fl
 
     out = root / f"run-{strategy}"
     extra = {"fsdp": {"fsdp": True}, "zero3": {"deepspeed": str(REPO / "configs" / "zero3.json")},
-             "zero2": {"deepspeed": str(REPO / "configs" / "zero2.json")}, "single": {}}[strategy]
+             "zero2": {"deepspeed": str(REPO / "configs" / "zero2.json")}, "single": {},
+             "lora": {"lora": True}, "qlora": {"lora": True, "quantize": 4}}[strategy]
     tc = TrainConfig(stage=2, model=str(root / "model"), data=str(root / "data.json"), image_dir=str(root / "images"),
                      output=str(out), backend=device, batch_size=batch, grad_accum=1, max_steps=steps + 1,
                      save_every=10**6, num_workers=2, max_length=2048, lr=2e-5, **extra)
@@ -117,7 +121,7 @@ def run(root: Path, strategy: str, steps: int, batch: int, device: str, peak: fl
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = rows[2:] if len(rows) > 3 else rows[1:]  # the first steps pay for warm-up / allocator growth
     tok_s = statistics.median(r["tokens_per_s"] for r in timed)
-    flops, params = model_flops_per_step(root / "model", timed, batch)
+    flops, params = model_flops_per_step(root / "model", timed, batch, lora=strategy in ("lora", "qlora"))
     step_s = statistics.median(r["num_tokens"] / r["tokens_per_s"] for r in timed)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = peak or (peak_tflops(name) if device == "cuda" else None)
@@ -152,7 +156,7 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="tiny model (CPU dry run)")
     r = sub.add_parser("run")
     r.add_argument("root", type=Path)
-    r.add_argument("--strategy", choices=["single", "fsdp", "zero3", "zero2"], required=True)
+    r.add_argument("--strategy", choices=["single", "fsdp", "zero3", "zero2", "lora", "qlora"], required=True)
     r.add_argument("--steps", type=int, default=8)
     r.add_argument("--batch-size", type=int, default=4)
     r.add_argument("--device", default="cuda")

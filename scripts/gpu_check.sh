@@ -4,17 +4,23 @@
 #   2. runs the CUDA tests (pytest -m cuda: inference parity, bf16 training loop, FSDP2 / ZeRO-3 smoke),
 #   3. a short stage-2 run of a ~0.7 B random Parrot (CLIP ViT-L/14-336, ~1150 tokens with an image per
 #      sample) in one process under the plain loop, FSDP2 and DeepSpeed ZeRO-3, printing tokens/s/GPU,
-#      MFU and peak memory (scripts/bench_gpu_train.py states the FLOP formula).
+#      MFU and peak memory (scripts/bench_gpu_train.py states the FLOP formula),
+#   4. (issue 17) ours vs transformers' LlavaForConditionalGeneration on the GPU (scripts/bench_peers.py, batch 1
+#      and 8, bf16) and padding-free training vs padded (scripts/bench_train.py --backend cuda; flash-attention
+#      varlen when flash_attn is installed; the CUDA packing test checks it against the padded batch).
 # Each part has its own time limit and a failure does not stop the others; the whole stays under
 # GPU_CHECK_BUDGET seconds (default 470). Everything is printed and copied to $OUT/gpu_check.log ($OUT if set).
 #
 #   bash scripts/gpu_check.sh          # on the GPU machine
 #   bash scripts/gpu_check.sh --cpu    # dry run of the same steps on CPU (tiny model), e.g. before lending a GPU
+#   bash scripts/gpu_check.sh --perf   # on the GPU machine: install, environment, packing test and part 4 only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 MODE=gpu
+PERF_ONLY=0
 [[ "${1:-}" == "--cpu" ]] && MODE=cpu
+[[ "${1:-}" == "--perf" ]] && PERF_ONLY=1
 BUDGET=${GPU_CHECK_BUDGET:-470}
 LOGDIR=${OUT:-$(mktemp -d)}
 mkdir -p "$LOGDIR"
@@ -82,16 +88,28 @@ import importlib.util, platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'gpus', torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-')
 mods = ['parrot', 'transformers', 'deepspeed', 'tokenizers', 'safetensors', 'ml_dtypes', 'click', 'tqdm', 'PIL',
-        'huggingface_hub', 'pytest']
+        'huggingface_hub', 'pytest', 'peft', 'bitsandbytes']
 print('missing modules:', [m for m in mods if importlib.util.find_spec(m) is None] or 'none')
 EOF"
 fi
 
-part "cuda tests" 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_train_cuda.py
+if ((PERF_ONLY)); then
+    part "cuda packing test" 120 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_packing.py
+else
+part "cuda tests" 200 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_train_cuda.py \
+    tests/test_packing.py
 
 BENCH=$(mktemp -d)
 part "bench: prepare model + data" 90 "$PY" scripts/bench_gpu_train.py prepare "$BENCH" $SMALL
 for strategy in single fsdp zero3; do
+    part "bench: $strategy" 120 "$PY" scripts/bench_gpu_train.py run "$BENCH" --strategy $strategy \
+        --steps $STEPS --device $DEVICE
+done
+# issue 16: LoRA (PEFT) and QLoRA (--quantize 4: NF4 base through bitsandbytes, CUDA only) on the same model,
+# the projector and MoE trained fully beside the adapters: tokens/s/GPU, MFU (frozen LLM: 4 x params) and peak memory
+LORA_RUNS="lora qlora"
+[[ $MODE == cpu ]] && LORA_RUNS="lora"
+for strategy in $LORA_RUNS; do
     part "bench: $strategy" 120 "$PY" scripts/bench_gpu_train.py run "$BENCH" --strategy $strategy \
         --steps $STEPS --device $DEVICE
 done
@@ -101,6 +119,20 @@ part "inference bench (batch 1)" 60 "$PY" -m parrot.cli.main bench --backend $DE
 part "inference bench (batch 8)" 60 "$PY" -m parrot.cli.main bench --backend $DEVICE --model "$BENCH/model" \
     -p 512 -g 128 -n 2 -b 8
 rm -rf "$BENCH"
+fi
+# issue 17: ours vs transformers' LlavaForConditionalGeneration on the GPU (batch 1 and 8, bf16, same weights checked
+# by greedy tokens in float32 first), and padding-free training vs padded (flash-attention varlen when installed)
+if [[ $MODE == gpu ]]; then
+    part "peers: ours vs transformers LLaVA (cuda, bf16)" 150 "$PY" scripts/bench_peers.py --only torch --device cuda \
+        --torch-dtype bfloat16 --rounds 5 --new-tokens 64
+    part "packing vs padded (cuda)" 120 "$PY" scripts/bench_train.py --backend cuda --steps 8 --rounds 2 \
+        --hidden 1024 --layers 8 --batch-size 8
+else
+    part "peers: ours vs transformers LLaVA (cpu dry run)" 150 "$PY" scripts/bench_peers.py --only torch \
+        --torch-hidden 128 --torch-layers 2 --rounds 1 --new-tokens 4
+    part "packing vs padded (cpu dry run)" 120 "$PY" scripts/bench_train.py --backend cpu --steps 3 --rounds 1 \
+        --hidden 128 --layers 2 --vocab 4096
+fi
 
 echo "=== summary ($((SECONDS - T0)) s)"
 printf '  %s\n' "${SUMMARY[@]}"

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh ven
 PACKAGE_DIRS = {"parrot_core": "parrot", "backends": "parrot/backends", "convert": "parrot/convert",
                 "cli": "parrot/cli", "configs": "parrot/configs"}
 # data files that commands read at run time, beside the code
-DATA_FILES = ["parrot/py.typed", "parrot/configs/zero2.json", "parrot/configs/zero3.json"]
+DATA_FILES = ["parrot/py.typed", "parrot/configs/zero2.json", "parrot/configs/zero3.json",
+              "parrot/serve/static/chat.html"]
 QUESTION = "What is in the picture?"
 
 

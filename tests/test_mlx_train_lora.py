@@ -49,7 +49,7 @@ def test_lora_overfits_a_few_samples(lora_run, capsys):
     assert losses[-1] < 0.3 * losses[0], losses  # a large relative decrease on 3 samples
 
 
-def test_lora_trains_only_the_adapters_and_saves_them_like_mlx_lm(lora_run, tiny_ckpt):
+def test_lora_trains_adapters_projector_and_moe_and_saves_them_like_mlx_lm(lora_run, tiny_ckpt):
     cfg = json.loads((lora_run / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == 2
     assert cfg["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": [
@@ -57,7 +57,13 @@ def test_lora_trains_only_the_adapters_and_saves_them_like_mlx_lm(lora_run, tiny
         "self_attn.v_proj"]}
     assert cfg["model"] == str(tiny_ckpt.resolve()) and cfg["parrot"]["base"]["hidden_size"] == 64
     weights = SafetensorsFile(lora_run / "adapters.safetensors").read_all()
-    assert len(weights) == 2 * 7 * 2  # (A, B) x 7 modules x 2 layers, nothing else
+    lora = [k for k in weights if k.endswith((".lora_a", ".lora_b"))]
+    assert len(lora) == 2 * 7 * 2  # (A, B) x 7 modules x 2 layers
+    full = sorted(set(weights) - set(lora))  # LLaVA's LoRA recipe: projector and MoE trained fully beside them
+    base = CheckpointFiles(tiny_ckpt)
+    assert full == sorted(k.replace("model.", "", 1) for k in base.keys()
+                          if k.startswith(("model.mm_projector.", "model.moe_model.")))
+    assert np.abs(weights["mm_projector.2.weight"] - base.read("model.mm_projector.2.weight")).max() > 1e-4
     a, b = weights["language_model.model.layers.0.self_attn.q_proj.lora_a"], \
         weights["language_model.model.layers.0.self_attn.q_proj.lora_b"]
     assert a.shape == (64, 8) and b.shape == (8, 64) and np.abs(b).max() > 0  # B starts at zero and trained
@@ -185,7 +191,16 @@ def test_adapter_errors_are_clean(tmp_path, lora_run, tiny_ckpt):
 
 
 @pytest.mark.parametrize("flags, needles", [
-    (dict(backend="cpu"), ("--lora", "--backend mlx")),
+    (dict(backend="cpu", quantize=4), ("--quantize 4", "--backend cuda", "drop --quantize")),
+    (dict(quantize=4), ("--quantize 4", "--backend cuda", "-q 4")),
+    (dict(backend="cpu", quantize=8), ("--quantize 8", "4 bits")),
+    (dict(backend="cpu", fsdp=True), ("--lora", "--fsdp")),
+    (dict(lora=False, lora_only=True), ("--lora-only", "only with --lora")),
+    (dict(lora_only=True, mm_projector_lr=1e-3), ("--mm-projector-lr", "--lora-only")),
+    (dict(no_moe=True, moe_lr=1e-3), ("--moe-lr", "--no-moe")),
+    (dict(eval_every=3), ("--eval-every", "--eval-data")),
+    (dict(eval_data=["x.tsv"]), ("--eval-data", "--eval-every")),
+    (dict(report_to="mlflow"), ("--report-to", "mlflow")),
     (dict(stage=1), ("--lora", "stage 1")),
     (dict(lora_scale=2.0, lora_alpha=64.0), ("--lora-scale", "--lora-alpha")),
     (dict(lora_targets=["q_proj", "attn_out"]), ("unknown target", "attn_out")),
@@ -204,13 +219,15 @@ def test_bad_lora_settings_are_refused(flags, needles):
         assert n in str(e.value)
 
 
-def test_cli_lora_on_torch_and_full_training_on_a_quantized_base_fail_cleanly(tmp_path, tiny_ckpt, dataset):
+def test_cli_qlora_on_cpu_and_full_training_on_a_quantized_base_fail_cleanly(tmp_path, tiny_ckpt, dataset):
     from parrot.convert import convert_checkpoint
 
     data, images = dataset
     common = ["train", "--stage", "2", "--data", data, "--image-dir", images, "--max-steps", "1"]
-    p = run_parrot(*common, "--backend", "cpu", "--model", tiny_ckpt, "--lora", "--output", tmp_path / "a")
-    assert_clean_failure(p, "--lora", "--backend mlx")
+    p = run_parrot(*common, "--backend", "cpu", "--model", tiny_ckpt, "--lora", "--quantize", "4",
+                   "--output", tmp_path / "a")
+    assert_clean_failure(p, "--quantize 4", "--backend cuda")
+    assert not (tmp_path / "a").exists()
     q8 = tmp_path / "q8"
     convert_checkpoint(tiny_ckpt, q8, to="mlx", quantize_bits=8)
     p = run_parrot(*common, "--backend", "mlx", "--model", q8, "--output", tmp_path / "b")

@@ -88,3 +88,23 @@ def test_deepspeed_zero3_on_one_gpu(tmp_path, tiny_ckpt, dataset, cpu_losses):
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["derived"]["deepspeed_config"]["bf16"]["enabled"] is True  # "auto" from --dtype bfloat16
     _convert_matches_export(out, tmp_path)
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_lora_and_qlora_on_one_gpu(tmp_path, tiny_ckpt, dataset, cpu_losses, qlora):
+    """LoRA (PEFT, bf16 autocast) and QLoRA (NF4 base through bitsandbytes): B starts at 0, so the first loss
+    is the base model's (the CPU run's first loss); the adapter is PEFT's and applies on the CPU."""
+    import parrot
+
+    if qlora:
+        pytest.importorskip("bitsandbytes")
+    out = _train(tiny_ckpt, dataset, tmp_path / "run", "cuda", "--lora", *(["--quantize", "4"] if qlora else []))
+    losses = read_losses(out)
+    assert len(losses) == STEPS and np.isfinite(losses).all()
+    tol = 1e-1 if qlora else 3e-2  # NF4 rounding of a tiny random model's weights / bf16
+    assert abs(losses[0] - cpu_losses[0]) <= tol * abs(cpu_losses[0]), (losses[0], cpu_losses[0])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["peak_memory_gib"] > 0 for r in rows)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    m = parrot.load(tiny_ckpt, backend="cpu", adapter=out)
+    assert np.isfinite(m.logits(m.encode_prompt("What is in the picture?", has_image=False))).all()

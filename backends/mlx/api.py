@@ -13,7 +13,7 @@ from parrot.model.checkpoint import Checkpoint
 from parrot.registry import BackendSpec
 from parrot.training.adapter import Adapter
 
-from .batch import generate_tokens_batch
+from .batch import MLXDecodeBatch, generate_tokens_batch
 from .generate import generate_tokens
 from .loading import MX_DTYPES, load_mlx_model
 from .lora import apply_adapter
@@ -30,6 +30,15 @@ class MLXParrot(ParrotModel):
         if adapter is not None:
             apply_adapter(self.model, adapter)
             self.adapter = adapter
+
+    @classmethod
+    def from_module(cls, model, checkpoint, dtype: str, spec: BackendSpec) -> MLXParrot:
+        """A view of a model that lives elsewhere (a trainer's, for evaluation during training)."""
+        self = cls.__new__(cls)
+        ParrotModel.__init__(self, checkpoint, dtype, spec)
+        self.mx_dtype = MX_DTYPES[dtype]
+        self.model = model
+        return self
 
     # ---------------------------------------------------------------- vision
     def image_features(self, pixels: np.ndarray) -> mx.array:
@@ -81,6 +90,9 @@ class MLXParrot(ParrotModel):
     def generate_tokens_batch(self, embeds: Sequence[mx.array], params: Sequence[SamplingParams],
                               stop: frozenset[int]) -> Iterator[list[tuple[int, int]]]:
         return generate_tokens_batch(self.model, list(embeds), list(params), stop)
+
+    def new_decode_batch(self) -> MLXDecodeBatch:
+        return MLXDecodeBatch(self.model)
 
     # ---------------------------------------------------------------- arrays and device
     def to_numpy(self, array: mx.array) -> np.ndarray:

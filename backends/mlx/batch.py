@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
+from parrot.contract import DecodeBatch
 from parrot.inference.generation import SamplingParams, advance_rows
 
 from .generate import Sampler, generation_stream, prefill
-from .mlxlm import BatchKVCache, wired_limit
+from .mlxlm import BatchKVCache, make_prompt_cache, wired_limit
 
 
 def sample_rows(samplers: list[Sampler], rows: list[int], logits: mx.array) -> mx.array:
@@ -58,3 +59,70 @@ def generate_tokens_batch(
                     rows = [rows[j] for j in keep]
                 logits = lm(y[:, None], cache=cache)[:, -1].astype(mx.float32)
                 y = sample_rows(samplers, rows, logits)
+
+
+class MLXDecodeBatch(DecodeBatch):
+    """Continuous batching on MLX (parrot.contract.DecodeBatch), as mlx-lm's BatchGenerator does it: a
+    joining prompt is prefilled alone in its own KV cache (as `generate_tokens` does), turned into a
+    one-row BatchKVCache (`merge`) and appended (`extend`, which left-pads the shorter side); a leaving
+    row is filtered out (`filter` also cuts the padding every row shares). `model` is `ParrotForCausalLM`."""
+
+    def __init__(self, model):
+        self.model, self.lm = model, model.language_model
+        self._reset()
+        self._next = self._steps = 0
+
+    def _reset(self) -> None:
+        self.cache: list | None = None  # one BatchKVCache per layer
+        self.y = None  # [B] pending tokens
+        self.keys: list[int] = []
+        self.samplers: list[Sampler] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, embeds: mx.array, params: SamplingParams) -> tuple[int, int]:
+        cache = make_prompt_cache(self.lm)
+        sampler = Sampler(params)
+        with mx.stream(generation_stream):
+            x = prefill(self.lm, cache, embeds)
+            y = sampler(self.lm(None, cache=cache, input_embeddings=x)[:, -1].astype(mx.float32))
+            rows = [BatchKVCache.merge([c]) for c in cache]
+            if self.cache is None:
+                self.cache, self.y = rows, y
+            else:
+                for mine, new in zip(self.cache, rows):
+                    mine.extend(new)
+                self.y = mx.concatenate([self.y, y])
+            mx.eval(self.y, [c.state for c in self.cache])
+        key, self._next = self._next, self._next + 1
+        self.keys.append(key)
+        self.samplers.append(sampler)
+        return key, y.item()
+
+    def step(self) -> list[tuple[int, int]]:
+        if not self.keys:
+            return []
+        with mx.stream(generation_stream):
+            logits = self.lm(self.y[:, None], cache=self.cache)[:, -1].astype(mx.float32)
+            self.y = sample_rows(self.samplers, list(range(len(self.keys))), logits)
+        out = list(zip(self.keys, self.y.tolist()))
+        self._steps += 1
+        if self._steps % 256 == 0:  # as generate_tokens: return freed buffers in a long-running batch
+            mx.clear_cache()
+        return out
+
+    def remove(self, key: int) -> None:
+        if key not in self.keys:
+            return
+        keep = [j for j, k in enumerate(self.keys) if k != key]
+        if not keep:
+            self._reset()
+            return
+        idx = mx.array(keep)
+        with mx.stream(generation_stream):
+            for c in self.cache:
+                c.filter(idx)
+            self.y = self.y[idx]
+        self.keys = [self.keys[j] for j in keep]
+        self.samplers = [self.samplers[j] for j in keep]

@@ -9,6 +9,7 @@ On Metal, generation runs under `wired_limit` (weights kept resident), as mlx-lm
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 
 import mlx.core as mx
 
@@ -31,6 +32,20 @@ def top_p_filter(logits: mx.array, top_p: float) -> mx.array:
     return mx.where(probs < threshold, -mx.inf, logits)
 
 
+@lru_cache(maxsize=32)
+def sample_step(temperature: float, top_p: float):
+    """(logits [1, V], key) -> (token [1], next key): the key split, temperature, top-p filter and categorical
+    draw as one mx.compile'd function per setting (traced once; its elementwise parts fused)."""
+    def sample(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        keys = mx.random.split(key)
+        logits = logits / temperature
+        if top_p < 1:
+            logits = top_p_filter(logits, top_p)
+        return mx.random.categorical(logits, key=keys[1]), keys[0]
+
+    return mx.compile(sample)
+
+
 class Sampler:
     """Greedy argmax when temperature is 0; else temperature + top-p sampling with an explicit,
     seeded PRNG key (split each step; the global MLX random state is left alone)."""
@@ -38,17 +53,14 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.key = None if params.greedy else mx.random.key(params.seed)
+        self.sample = None if params.greedy else sample_step(params.temperature, params.top_p)
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits [1, V] float32 -> token [1] (lazy)."""
         if self.params.greedy:
             return mx.argmax(logits, axis=-1)
-        keys = mx.random.split(self.key)
-        self.key = keys[0]
-        logits = logits / self.params.temperature
-        if self.params.top_p < 1:
-            logits = top_p_filter(logits, self.params.top_p)
-        return mx.random.categorical(logits, key=keys[1])
+        token, self.key = self.sample(logits, self.key)
+        return token
 
 
 def prefill(lm, cache: list, embeds: mx.array) -> mx.array:

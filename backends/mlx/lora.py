@@ -40,6 +40,7 @@ def lora_weights(model: ParrotForCausalLM) -> dict[str, mx.array]:
 def apply_adapter(model: ParrotForCausalLM, adapter: Adapter) -> None:
     """Rebuilds a saved adapter (parrot.training.adapter.read_adapter, checked against the base) on a loaded model."""
     apply_lora(model, adapter.modules, adapter.rank, adapter.scale, adapter.dropout)
-    model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in adapter.weights.items()], strict=False)
+    tensors = {**adapter.weights, **adapter.full}  # full: the fully trained projector / MoE tensors
+    model.load_weights([(k, mx.array(np.asarray(v, np.float32))) for k, v in tensors.items()], strict=False)
     mx.eval(model.parameters())
     model.eval()

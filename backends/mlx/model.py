@@ -7,6 +7,7 @@ keys (parrot.model.layout): language_model.*, vision_tower.vision_model.*, mm_pr
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,8 +17,21 @@ from parrot.model.splice import SplicePlan
 
 from .mlxlm import qwen2
 
+
+@partial(mx.compile, shapeless=True)
+def quick_gelu(x: mx.array) -> mx.array:
+    """CLIP's x * sigmoid(1.702 x), compiled into one fused kernel (the same operations, so the same values)."""
+    return x * mx.sigmoid(1.702 * x)
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, one fused kernel."""
+    return nn.silu(gate) * up
+
+
 _ACT = {
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "quick_gelu": quick_gelu,
     "gelu": nn.gelu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -134,7 +148,7 @@ class Expert(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class MultilingualMoE(nn.Module):
@@ -174,6 +188,24 @@ class MultilingualMoE(nn.Module):
         if self.use_moe_residual:
             out = out + self.moe_weight * image_features
         return out
+
+
+def packed_block(layer: nn.Module, x: mx.array, bounds: list[int]) -> mx.array:
+    """One mlx-lm Qwen2 decoder layer (`TransformerBlock`: the same submodules, in the same order) over a packed
+    row: each sample's RoPE positions from 0 and causal attention within the sample, one fused SDPA call per
+    sample (mx.fast.rope takes one offset per row, not per position)."""
+    a = layer.self_attn
+    h = layer.input_layernorm(x)
+    B, L, _ = h.shape
+    q = a.q_proj(h).reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3)
+    k = a.k_proj(h).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = a.v_proj(h).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    o = mx.concatenate([
+        mx.fast.scaled_dot_product_attention(a.rope(q[:, :, s:e]), a.rope(k[:, :, s:e]), v[:, :, s:e], scale=a.scale,
+                                             mask="causal")
+        for s, e in zip(bounds[:-1], bounds[1:]) if e > s], axis=2)
+    h = x + a.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 class ParrotForCausalLM(nn.Module):
@@ -238,6 +270,24 @@ class ParrotForCausalLM(nn.Module):
         """Final-norm hidden states [B, T, C]: causal attention (right padding needs no other mask; a
         left-padded batch passes mlx-lm's BatchKVCache, which masks the padding and offsets positions)."""
         return self.language_model.model(None, cache=cache, input_embeddings=inputs_embeds)
+
+    def packed_hidden_states(self, inputs_embeds: mx.array, cu_seqlens) -> mx.array:
+        """Final-norm hidden states [1, L, C] of one packed row (parrot.model.splice.pack_plan): attention within
+        each sample, its positions from 0 (`packed_block`). A layer under gradient checkpointing (its class has
+        `grad_checkpoint`) is recomputed in the backward pass, as in the unpacked forward."""
+        lm = self.language_model.model
+        bounds = [int(x) for x in cu_seqlens]
+        h = inputs_embeds
+        for layer in lm.layers:
+            if getattr(layer, "grad_checkpoint", False):
+                def inner(params, x, layer=layer):
+                    layer.update(params)
+                    return packed_block(layer, x, bounds)
+
+                h = mx.checkpoint(inner)(layer.trainable_parameters(), h)
+            else:
+                h = packed_block(layer, h, bounds)
+        return lm.norm(h)
 
     def lm_logits(self, h: mx.array) -> mx.array:
         lm = self.language_model

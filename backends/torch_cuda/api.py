@@ -13,7 +13,7 @@ from parrot.model.checkpoint import Checkpoint
 from parrot.registry import BackendSpec
 from parrot.training.adapter import Adapter
 
-from .batch import generate_tokens_batch
+from .batch import TorchDecodeBatch, generate_tokens_batch
 from .generate import generate_tokens
 from .loading import TORCH_DTYPES, load_torch_model
 
@@ -27,6 +27,16 @@ class TorchParrot(ParrotModel):
         self.torch_dtype = TORCH_DTYPES[dtype]
         self.model = load_torch_model(checkpoint, spec.device, dtype, adapter=adapter)
         self.adapter = adapter
+
+    @classmethod
+    def from_module(cls, model, checkpoint, dtype: str, spec: BackendSpec) -> TorchParrot:
+        """A view of a model that lives elsewhere (a trainer's, for evaluation during training)."""
+        self = cls.__new__(cls)
+        ParrotModel.__init__(self, checkpoint, dtype, spec)
+        self.device = next(model.parameters()).device
+        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.model = model
+        return self
 
     def _tensor(self, a: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
@@ -89,6 +99,9 @@ class TorchParrot(ParrotModel):
     def generate_tokens_batch(self, embeds: Sequence[torch.Tensor], params: Sequence[SamplingParams],
                               stop: frozenset[int]) -> Iterator[list[tuple[int, int]]]:
         return generate_tokens_batch(self, list(embeds), list(params), stop)
+
+    def new_decode_batch(self) -> TorchDecodeBatch:
+        return TorchDecodeBatch(self)
 
     # ---------------------------------------------------------------- arrays and device
     def to_numpy(self, array: torch.Tensor) -> np.ndarray:

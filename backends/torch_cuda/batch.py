@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from parrot.contract import DecodeBatch
 from parrot.inference.generation import SamplingParams, advance_rows
 
 from .generate import Sampler
@@ -60,3 +61,87 @@ def generate_tokens_batch(
         h = lm.hidden_states(lm.embed_tokens(y[:, None]), mask, pos[:, None], cache=cache)
         pos = pos + 1
         y = sample_rows(samplers, rows, lm.lm_logits(h[:, -1]))
+
+
+class TorchDecodeBatch(DecodeBatch):
+    """Continuous batching on torch (parrot.contract.DecodeBatch): a joining prompt is prefilled alone in
+    its own DynamicCache (as `generate_tokens` does), then its keys and values are left-padded to the
+    batch's length (or the batch's to its) and stacked in; the attention mask hides the padding and each
+    row keeps its own positions. A leaving row is dropped, and the padding every row shares is cut."""
+
+    def __init__(self, model):
+        self.model, self.lm, self.dev = model, model.model, model.device
+        self._reset()
+        self._next = 0
+
+    def _reset(self) -> None:
+        self.cache = None  # a DynamicCache holding [B, H, T, D] per layer
+        self.mask = self.pos = self.y = None  # [B, T] bool, [B] next position, [B] pending token
+        self.keys: list[int] = []
+        self.samplers: list[Sampler] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @torch.inference_mode()
+    def add(self, embeds: torch.Tensor, params: SamplingParams) -> tuple[int, int]:
+        cache = self.model.new_cache()
+        sampler = Sampler(params, self.dev)
+        y = sampler(self.model.forward_embeddings(embeds, cache, last_only=True)[:, -1])
+        L = int(embeds.shape[1])
+        key, self._next = self._next, self._next + 1
+        if self.cache is None:
+            self.cache, self.mask = cache, torch.ones((1, L), dtype=torch.bool, device=self.dev)
+            self.pos, self.y = torch.tensor([L], device=self.dev), y
+        else:
+            T = self.mask.shape[1]
+            width = max(T, L)
+            for mine, new in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width - T), _left_pad(new.keys, width - L)])
+                mine.values = torch.cat([_left_pad(mine.values, width - T), _left_pad(new.values, width - L)])
+            row = torch.arange(width, device=self.dev)[None] >= width - L
+            self.mask = torch.cat([_left_pad(self.mask, width - T, dim=1), row])
+            self.pos = torch.cat([self.pos, self.pos.new_tensor([L])])
+            self.y = torch.cat([self.y, y])
+        self.keys.append(key)
+        self.samplers.append(sampler)
+        return key, int(y.item())
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int]]:
+        if not self.keys:
+            return []
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.keys), 1)], dim=1)
+        h = self.lm.hidden_states(self.lm.embed_tokens(self.y[:, None]), self.mask, self.pos[:, None],
+                                  cache=self.cache)
+        self.pos = self.pos + 1
+        self.y = sample_rows(self.samplers, list(range(len(self.keys))), self.lm.lm_logits(h[:, -1]))
+        return list(zip(self.keys, self.y.tolist()))
+
+    @torch.inference_mode()
+    def remove(self, key: int) -> None:
+        if key not in self.keys:
+            return
+        keep = [j for j, k in enumerate(self.keys) if k != key]
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.dev)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pos, self.y = self.mask[idx], self.pos[idx], self.y[idx]
+        self.keys = [self.keys[j] for j in keep]
+        self.samplers = [self.samplers[j] for j in keep]
+        shared = int(self.mask.any(dim=0).to(torch.int8).argmax())  # leading columns that are padding in every row
+        if shared:
+            self.mask = self.mask[:, shared:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., shared:, :], layer.values[..., shared:, :]
+
+
+def _left_pad(x: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
+    """x with n zeros (False) before its entries along `dim`."""
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

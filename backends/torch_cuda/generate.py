@@ -1,6 +1,7 @@
 """Decoding with the KV cache on the torch backend (cpu, cuda): samplers and the token loop.
 
-The loop issues step n+1 before it reads token n back to the host (`.item()`), so on a GPU the
+The first token is read back right after the prefill (no decode step inside the time to first token);
+after it, the loop issues step n+1 before it reads token n back to the host (`.item()`), so on a GPU the
 next forward is queued while Python handles the current token (mlx-lm's generate_step order).
 """
 
@@ -47,15 +48,23 @@ class Sampler:
 def generate_tokens(model, embeds: torch.Tensor, cache, params: SamplingParams) -> Iterator[int]:
     """Prefills `embeds` [1, T, C] after what `cache` holds, then yields up to max_tokens token ids.
 
-    `model` is a TorchParrot. Each token is fed back into the cache before it is yielded (so after
-    the caller stops at <|im_end|>, the cache holds it too).
+    `model` is a TorchParrot. The first token is yielded as soon as the prefill gives it (time to first
+    token = the prefill alone); from then on each token is fed back into the cache before it is yielded
+    (so after the caller stops at <|im_end|>, the cache holds it too), the forward of token n+1 queued
+    before token n is read back. A caller that stops right at the first token leaves it out of the
+    cache (KVState.commit reads the cache's length, so that is consistent).
     """
     sampler = Sampler(params, model.device)
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        return sampler(model.forward_embeddings(model.model.embed_tokens(token[None]), cache, last_only=True)[:, -1])
+
     y = sampler(model.forward_embeddings(embeds, cache, last_only=True)[:, -1])
-    for n in range(params.max_tokens):
-        nxt = None
-        if n + 1 < params.max_tokens:
-            emb = model.model.embed_tokens(y[None])
-            nxt = sampler(model.forward_embeddings(emb, cache, last_only=True)[:, -1])
+    yield int(y.item())
+    if params.max_tokens < 2:
+        return
+    y = step(y)  # token 1; the cache now holds token 0
+    for n in range(1, params.max_tokens):
+        nxt = step(y) if n + 1 < params.max_tokens else None
         yield int(y.item())
         y = nxt

@@ -10,18 +10,41 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, Qwen2Config, Qwen2Model
+from transformers import AttentionInterface, CLIPVisionConfig, Qwen2Config, Qwen2Model
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 
 from parrot.constants import IGNORE_INDEX
 from parrot.model.config import ParrotConfig, VisionConfig
-from parrot.model.splice import SplicePlan, plan_splice
+from parrot.model.splice import SplicePlan, pack_plan, plan_splice
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version takes
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+
+SEGMENT_ATTENTION = "parrot_segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention for packed rows: causal SDPA within each sample (`cu_seq_lens_q`, host offsets), so
+    the work is the sum of the samples' squares, not the packed row's square. Without them: plain SDPA."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = cu.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                    dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+                     for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 
 
 def _rope_type(rope_scaling: dict | None) -> str:
@@ -212,6 +235,23 @@ class ParrotForCausalLM(nn.Module):
         )
         return out.last_hidden_state
 
+    def packed_hidden_states(self, inputs_embeds, position_ids, cu_seqlens) -> torch.Tensor:
+        """The Qwen2 stack over one packed row (parrot.model.splice.pack_plan), attention within each sample:
+        flash-attention's varlen kernels when the model uses flash_attention_2 (CUDA), else causal SDPA per
+        sample (`segment_attention`, which the model switches to here; unpacked calls fall back to SDPA)."""
+        config = self.model.config
+        cu = torch.from_numpy(np.asarray(cu_seqlens, dtype=np.int32))
+        if config._attn_implementation == "flash_attention_2":
+            longest = int(np.diff(cu_seqlens).max())
+            cu = cu.to(inputs_embeds.device)
+            kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        else:
+            config._attn_implementation = SEGMENT_ATTENTION
+            kw = {"cu_seq_lens_q": cu}
+        # a ready mask mapping: transformers builds no [L, L] mask; the attention reads the samples' offsets
+        return self.model(inputs_embeds=inputs_embeds, attention_mask={"full_attention": None},
+                          position_ids=position_ids, use_cache=False, **kw).last_hidden_state
+
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
 
@@ -223,13 +263,17 @@ class ParrotForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         max_length: int | None = None,
         padding_side: str = "right",
+        packing: bool = False,
     ) -> tuple[torch.Tensor, SplicePlan]:
         """Full forward (no cache) of a right-padded batch (input_ids, attention_mask and labels [B, T],
         planned on the host: pass them on the CPU), pixel_values [B, 3, H, W] for every row (zeros for
-        text-only rows): float32 logits [B, T', V] and the plan (its `labels` aligned with the logits)."""
+        text-only rows): float32 logits [B, T', V] and the plan (its `labels` aligned with the logits).
+        packing: the samples run as one row without padding (logits [1, sum of lengths, V])."""
         host = [None if t is None else t.detach().cpu().numpy() for t in (input_ids, attention_mask, labels)]
         feats = None if pixel_values is None else self.encode_images(pixel_values)
         plan = plan_splice(host[0], 0 if feats is None else feats.shape[1], host[1], host[2], max_length, padding_side)
+        if packing:
+            plan = pack_plan(plan)
         dev = self.model.embed_tokens.weight.device
         if feats is None:
             embeds = self.splice(plan)
@@ -239,6 +283,8 @@ class ParrotForCausalLM(nn.Module):
             rows = torch.from_numpy(plan.image_rows).to(dev)
             embeds = self.place(plan, tok, visual[rows] if len(plan.image_rows) else None) + 0.0 * visual.sum()
         mask, pos = (torch.from_numpy(a).to(dev) for a in (plan.attention_mask, plan.position_ids))
+        if plan.cu_seqlens is not None:
+            return self.lm_logits(self.packed_hidden_states(embeds, pos, plan.cu_seqlens)), plan
         return self.lm_logits(self.hidden_states(embeds, mask, pos)), plan
 
 

@@ -68,12 +68,16 @@ def generate_batch(
         return []
     model.reset_peak_memory()
     embeds = []
+    with_image = [r for r in rows if r.pixels is not None]
+    t_vis = time.perf_counter()
+    encodings = dict(zip(map(id, with_image), images.get_many(model, [r.pixels for r in with_image])))
+    n_computed = sum(computed for _, computed in encodings.values())
+    vision_time = (time.perf_counter() - t_vis) / max(n_computed, 1)  # one batch: its time shared out
     for r in rows:
         enc = None
         if r.pixels is not None:
-            t_vis = time.perf_counter()
-            enc, computed = images.get(model, r.pixels)
-            r.result.vision_time = time.perf_counter() - t_vis if computed else 0.0
+            enc, computed = encodings[id(r)]
+            r.result.vision_time = vision_time if computed else 0.0
         embeds.append(model.embed_prompt(r.ids, None if enc is None else enc.features,
                                          None if enc is None else enc.experts))
         r.result.prompt_tokens = r.result.prefill_tokens = int(embeds[-1].shape[1])

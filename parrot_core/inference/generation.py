@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,32 @@ class ImageCache:
         while len(self._items) > self.size:
             self._items.popitem(last=False)
         return enc, True
+
+    def get_many(self, model, pixels: Sequence[np.ndarray]) -> list[tuple[ImageEncoding, bool]]:
+        """`get` for several images ([1, 3, H, W] each): the ones not cached go through CLIP, the projector and
+        the experts together, as one batch (one pass over the weights instead of one per image)."""
+        keys = [pixel_key(p) for p in pixels]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._items))
+        new: dict[str, ImageEncoding] = {}
+        if todo:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            feats = model.image_features(np.concatenate([pixels[first[k]] for k in todo]))
+            experts = model.expert_outputs(feats)
+            model.evaluate(feats, experts)
+            for j, k in enumerate(todo):
+                new[k] = ImageEncoding(k, feats[j:j + 1], None if experts is None else experts[:, j:j + 1])
+        out, seen = [], set()
+        for k in keys:
+            if k in new:
+                out.append((new[k], k not in seen))  # a repeated image counts as computed once
+                seen.add(k)
+                self._items[k] = new[k]
+            else:
+                self._items.move_to_end(k)
+                out.append((self._items[k], False))
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return out
 
     def clear(self) -> None:
         self._items.clear()

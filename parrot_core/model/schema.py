@@ -383,7 +383,7 @@ TRAIN_CONFIG = obj({  # TrainConfig (a run's settings, as run_config.json record
     "dtype": one_of(*DTYPES).or_null(),
     "save_every": SIZE, "save_total_limit": SIZE.or_null(),
     **{k: boolean() for k in ("resume", "train_vision", "no_moe", "gradient_checkpointing", "truncate", "fsdp",
-                              "lora")},
+                              "lora", "packing")},
     "num_workers": integer(0),
     "warmup_ratio": number(0, 1, hi_open=True),
     "weight_decay": number(0),
@@ -393,6 +393,11 @@ TRAIN_CONFIG = obj({  # TrainConfig (a run's settings, as run_config.json record
     "lora_dropout": number(0, 1, hi_open=True).or_null(),
     "lora_targets": list_of(string()).or_null(),
     "lora_layers": SIZE.or_null(),
+    **{k: boolean() for k in ("lora_only", "group_by_modality_length", "save_best")},
+    "quantize": one_of(4).or_null(),
+    "mm_projector_lr": number(0).or_null(), "moe_lr": number(0).or_null(),
+    "report_to": one_of("none", "tensorboard", "wandb"),
+    "eval_data": list_of(string()).or_null(), "eval_every": SIZE.or_null(), "eval_limit": SIZE.or_null(),
     "save_layout": one_of("official", "mlx"),
 }, required=("stage", "data", "output"))
 

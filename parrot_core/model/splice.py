@@ -9,6 +9,11 @@ of `image_rows` (the MoE attends over `context`), and places everything with one
 then runs the LLM with `attention_mask` and `position_ids`. Truncation to `max_length` happens
 after splicing (the official code's order). Right padding puts each row at the start (training);
 left padding at the end (batched decoding), with positions counting from the row's first token.
+
+`pack_plan` turns a right-padded training plan into one row without padding (padding-free training):
+the rows' valid positions one after the other, each sample's positions from 0, `cu_seqlens` marking
+where each sample starts; the LLM must attend within a sample only (causal attention per sample,
+or flash-attention's varlen kernels). The MoE's text context stays per sample (it runs before the gather).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class SplicePlan:
     labels: np.ndarray | None  # [B, T'] the labels at their spliced positions (IGNORE_INDEX elsewhere)
     lengths: np.ndarray  # [B] valid positions of each row
     num_visual: int  # N
+    cu_seqlens: np.ndarray | None = None  # packed plans: [S + 1] int32 offsets of the samples in the one row
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,6 +100,25 @@ def plan_splice(
     positions = np.maximum(ar - offset[:, None], 0)
     return SplicePlan(np.where(text, ids, 0), context, rows.astype(np.int64), gather, mask, positions,
                       new_labels, lengths, num_visual)
+
+
+def pack_plan(plan: SplicePlan) -> SplicePlan:
+    """One row holding the right-padded plan's samples back to back (no padding): the same gather entries,
+    positions and labels, in row order. The first position of each sample gets no label, so no sample
+    learns to predict the next one's first token (unpacked, that label is never used: the shift drops
+    it). The loss over the packed row's labels is then the padded batch's, term by term."""
+    if plan.labels is None:
+        raise ValueError("pack_plan packs training plans (with labels)")
+    if not (plan.attention_mask == (np.arange(plan.shape[1])[None] < plan.lengths[:, None])).all():
+        raise ValueError("pack_plan needs a right-padded plan")
+    valid = plan.attention_mask
+    cu = np.concatenate([[0], np.cumsum(plan.lengths)]).astype(np.int32)
+    labels = plan.labels[valid].copy()
+    labels[cu[:-1][plan.lengths > 0]] = IGNORE_INDEX
+    total = int(cu[-1])
+    return SplicePlan(plan.text_ids, plan.context, plan.image_rows, plan.gather[valid][None],
+                      np.ones((1, total), bool), plan.position_ids[valid][None], labels[None],
+                      np.array([total]), plan.num_visual, cu)
 
 
 def plan_prompts(prompts: Sequence[Sequence[int]], num_visual: int, padding_side: str = "right") -> SplicePlan:

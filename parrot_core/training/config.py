@@ -28,8 +28,10 @@ TRAJECTORY_FIELDS = (
     "stage", "model", "llm", "vision_tower", "data", "image_dir", "lr", "batch_size", "epochs",
     "max_steps", "max_length", "seed", "dtype", "train_vision", "no_moe", "warmup_ratio", "weight_decay",
     "max_grad_norm", "truncate", "num_experts", "moe_intermediate_size", "moe_weight",
-    "lora", "lora_rank", "lora_scale", "lora_dropout", "lora_targets", "lora_layers",
+    "lora", "lora_rank", "lora_scale", "lora_dropout", "lora_targets", "lora_layers", "lora_only", "quantize",
+    "mm_projector_lr", "moe_lr", "group_by_modality_length",
 )
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TrainConfig:
     no_moe: bool = False
     num_workers: int = 4
     gradient_checkpointing: bool = True
+    packing: bool = False  # each micro-batch's samples as one row without padding, attention within each sample
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -68,7 +71,7 @@ class TrainConfig:
     # sharding: a DeepSpeed JSON config (ZeRO-2/3) or FSDP2; neither = one process, no sharding
     deepspeed: str | None = None
     fsdp: bool = False
-    # LoRA / QLoRA (--backend mlx): adapters on the LLM instead of the stage's full trainable set
+    # LoRA / QLoRA: adapters on the LLM, plus the projector and MoE trained fully (unless lora_only)
     lora: bool = False
     lora_rank: int | None = None  # default 8
     lora_scale: float | None = None  # mlx-lm's scale (default 20.0) ...
@@ -76,6 +79,18 @@ class TrainConfig:
     lora_dropout: float | None = None  # default 0.0
     lora_targets: list[str] | None = None  # default: the LLM's attention and MLP projections
     lora_layers: int | None = None  # adapt the last N LLM layers (mlx-lm's --num-layers); default all
+    lora_only: bool = False  # train the adapters only (projector and MoE frozen)
+    quantize: int | None = None  # QLoRA: the frozen base in 4 bits (NF4, bitsandbytes; --backend cuda)
+    # the official recipe's knobs: separate learning rates, LLaVA's modality-grouped sampler
+    mm_projector_lr: float | None = None  # None: --lr
+    moe_lr: float | None = None  # None: --lr
+    group_by_modality_length: bool = False
+    # logging and evaluation during training
+    report_to: str = "none"  # or tensorboard, wandb (metrics.jsonl is always written)
+    eval_data: list[str] | None = None  # VLMEvalKit MCQ TSVs scored every eval_every steps
+    eval_every: int | None = None
+    eval_limit: int | None = None  # the first K questions of each TSV
+    save_best: bool = False  # keep the checkpoint with the best mean eval accuracy
     save_layout: str = "official"  # the final model's layout; "mlx" with --backend mlx
 
     def resolved(self) -> TrainConfig:
@@ -142,6 +157,7 @@ class TrainConfig:
                               f"one process: use --backend {_with('sharding')}")
 
         self._validate_lora()
+        self._validate_recipe()
         if self.save_layout not in ("official", "mlx"):
             raise ParrotError(f"--save-layout must be official or mlx, not {self.save_layout!r}")
         if self.save_layout != "official" and spec.native_layout != self.save_layout:
@@ -151,13 +167,27 @@ class TrainConfig:
 
     def _validate_lora(self) -> None:
         given = [f"--{n.replace('_', '-')}" for n in LORA_FIELDS if getattr(self, n) is not None]
+        given += ["--lora-only"] if self.lora_only else []
+        given += ["--quantize"] if self.quantize is not None else []
         if not self.lora:
             if given:
-                raise ParrotError(f"{', '.join(given)}: LoRA settings apply only with --lora (and --backend mlx)")
+                raise ParrotError(f"{', '.join(given)}: LoRA settings apply only with --lora")
             return
-        if not registry.get(self.backend).lora_training:
+        spec = registry.get(self.backend)
+        if not spec.lora_training:
             raise ParrotError(f"--lora trains adapters on --backend {_with('lora_training')} only (--backend "
                               f"{self.backend} trains the stage's full parameter set)")
+        if self.quantize is not None:
+            if self.quantize != 4:
+                raise ParrotError(f"--quantize {self.quantize}: QLoRA quantizes the base to 4 bits (--quantize 4)")
+            if spec.qlora != "nf4":
+                instead = ("trains LoRA on a quantized MLX base instead: `parrot convert M Q -q 4`, then --model Q"
+                           if spec.qlora == "quantized_base" else "trains LoRA on a float base: drop --quantize")
+                raise ParrotError(f"--quantize 4 (QLoRA, NF4 through bitsandbytes) needs --backend "
+                                  f"{_with('qlora', 'nf4')} (a CUDA GPU); --backend {self.backend} {instead}")
+        if self.strategy != "single":
+            raise ParrotError("--lora trains in one process here; drop --deepspeed / --fsdp (the frozen base "
+                              "is not sharded)")
         if self.stage != 2:
             raise ParrotError("--lora adapts the LLM in stage 2; stage 1 trains the projector only (drop --lora)")
         if self.train_vision:
@@ -166,6 +196,40 @@ class TrainConfig:
             raise ParrotError(f"--lora-layers must be at least 1, not {self.lora_layers}")
         if self.no_moe and self.lora_targets and "experts" in self.lora_targets:
             raise ParrotError("--lora-targets experts needs the MoE; it does not combine with --no-moe")
+
+    def _validate_recipe(self) -> None:
+        for name in ("mm_projector_lr", "moe_lr"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ParrotError(f"--{name.replace('_', '-')} must not be negative, not {v}")
+        if self.moe_lr is not None and not self.use_moe:
+            raise ParrotError("--moe-lr sets the MoE's learning rate; the MoE does not train here "
+                              "(stage 1 or --no-moe)")
+        if self.lora and self.lora_only and (self.mm_projector_lr is not None or self.moe_lr is not None):
+            raise ParrotError("--mm-projector-lr / --moe-lr: with --lora-only the projector and MoE stay frozen")
+        if self.report_to not in REPORT_TO:
+            raise ParrotError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {self.report_to!r}")
+        if (self.eval_every is not None or self.eval_limit is not None or self.save_best) and not self.eval_data:
+            raise ParrotError("--eval-every / --eval-limit / --save-best need --eval-data FILE.tsv")
+        if self.eval_data and self.strategy != "single":
+            raise ParrotError("--eval-data evaluates on rank 0 of a one-process run; drop --deepspeed / --fsdp, or "
+                              "evaluate the checkpoints with `parrot eval` (sharded over processes)")
+        if self.eval_data and self.eval_every is None:
+            raise ParrotError("--eval-data needs --eval-every N (evaluate every N steps)")
+        for name in ("eval_every", "eval_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ParrotError(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+        if self.save_best and self.save_total_limit is not None and self.save_total_limit < 2:
+            raise ParrotError("--save-best keeps the best checkpoint beside the newest: --save-total-limit must be "
+                              "at least 2")
+
+    @property
+    def module_lrs(self) -> dict[str, float]:
+        """Peak learning rates of modules that do not use --lr: {"mm_projector": ..., "moe_model": ...}
+        (--mm-projector-lr, --moe-lr; LLaVA's mm_projector_lr), as optimizer parameter groups on both backends."""
+        lrs = {"mm_projector": self.mm_projector_lr, "moe_model": self.moe_lr}
+        return {k: v for k, v in lrs.items() if v is not None}
 
     @property
     def strategy(self) -> str:

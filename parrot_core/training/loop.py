@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from .evaluation import MEAN, eval_due, eval_sources, run_eval
 from .prepare import PreparedRun
+from .report import open_reporter
 from .run_dir import MODEL_DIR, STATE_NAME, host_rng_state, read_json, set_host_rng_state, write_json
 from .schedule import StepPlan
 from .source import write_model_description
@@ -72,6 +75,9 @@ class Engine(Protocol):
     def close(self) -> None:
         """Ends the process group, if any."""
 
+    def eval_model(self) -> AbstractContextManager:
+        """The current weights as a `parrot.api.ParrotModel` in eval mode (rank 0), for --eval-data."""
+
 
 def resume_step(p: PreparedRun, engine: Engine) -> int:
     """Restores the latest checkpoint when resuming; the step to start from."""
@@ -99,6 +105,9 @@ def run_steps(p: PreparedRun, engine: Engine, plan: StepPlan, warmup_steps: int,
     echo(f"{plan.total_steps} steps of {plan.global_batch} samples ({tc.batch_size} x {tc.grad_accum} accumulation"
          f"{split}), lr {tc.lr:g}, {what}")
 
+    reporter = open_reporter(tc.report_to, run.root, run_config) if engine.rank == 0 else None
+    sources = eval_sources(tc) if tc.eval_data else []
+    best = read_json(p.resume_from / STATE_NAME).get("best") if start and tc.save_best else None
     batches = engine.batches(plan, start)
     bar = tqdm(total=plan.total_steps, initial=start, desc=f"stage {tc.stage}", unit="step",
                disable=not progress or engine.rank != 0, dynamic_ncols=True)
@@ -120,16 +129,31 @@ def run_steps(p: PreparedRun, engine: Engine, plan: StepPlan, warmup_steps: int,
                 row["peak_memory_gib"] = s.peak_memory_gib
                 postfix["mem"] = f"{s.peak_memory_gib:.2f}G"
                 peak = max(peak, s.peak_memory_gib)
+            evaluated = eval_due(tc, step + 1, plan.total_steps)
+            if evaluated and engine.rank == 0:
+                with engine.eval_model() as model:
+                    row.update(run_eval(model, sources, run.root / "eval" / f"step-{step + 1:08d}", tc.eval_limit,
+                                        bar.write))
+                if row[MEAN] is not None:
+                    postfix["eval"] = f"{row[MEAN]:.3f}"
+                    if tc.save_best and (best is None or row[MEAN] > best["accuracy"]):
+                        best = {"step": step + 1, "accuracy": row[MEAN]}
             if engine.rank == 0:
                 run.log_metrics(row)
+                if reporter is not None:
+                    reporter.log(row)
             bar.set_postfix(postfix)
             bar.update(1)
-            if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps:
-                save_checkpoint(p, engine, step + 1, plan, run_config)
+            if (step + 1) % tc.save_every == 0 or step + 1 == plan.total_steps or (evaluated and tc.save_best):
+                save_checkpoint(p, engine, step + 1, plan, run_config, best)
     finally:
         bar.close()
+        if reporter is not None:
+            reporter.close()
     if peak:
         echo(f"peak memory: {f'{peak:.2f} GiB' if peak >= 1 else f'{peak * 1024:.0f} MiB'}")
+    if best is not None:
+        echo(f"best eval accuracy {best['accuracy']:.4f} at step {best['step']}: {run.checkpoint_dir(best['step'])}")
 
     steps = run.checkpoint_steps()
     if stop_after is not None and not (steps and steps[-1] >= plan.total_steps):
@@ -142,7 +166,8 @@ def run_steps(p: PreparedRun, engine: Engine, plan: StepPlan, warmup_steps: int,
     return run.root
 
 
-def save_checkpoint(p: PreparedRun, engine: Engine, step: int, plan: StepPlan, run_config: dict) -> None:
+def save_checkpoint(p: PreparedRun, engine: Engine, step: int, plan: StepPlan, run_config: dict,
+                    best: dict | None = None) -> None:
     """checkpoints/step-N: the engine's state, the run config, the model description and, written last,
     trainer_state.json (a directory without it is never taken as a checkpoint)."""
     run = p.run
@@ -156,5 +181,7 @@ def save_checkpoint(p: PreparedRun, engine: Engine, step: int, plan: StepPlan, r
         epoch, offset = plan.position(step)
         state = {"step": step, "epoch": epoch, "sample_offset": offset, "total_steps": plan.total_steps,
                  "host_rng": host_rng_state(), **engine.state_extra()}
-        run.commit(tmp, step, state, p.config.save_total_limit)
+        if best is not None:  # --save-best: the best checkpoint so far is never pruned
+            state["best"] = best
+        run.commit(tmp, step, state, p.config.save_total_limit, protect=best["step"] if best else None)
     engine.barrier()

@@ -18,6 +18,7 @@ from ..storage.fsutil import check_output
 from .config import TrainConfig
 from .data import LlavaData
 from .ds_config import ResolvedDeepSpeed, read_ds_config, resolve_ds_config
+from .report import check_reporter
 from .run_dir import RunDir, read_json, write_json
 from .schedule import StepPlan, warmup_steps
 from .source import ModelSource, open_source
@@ -90,6 +91,13 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
         raise ParrotError(f"launched with {world_size} processes but neither --deepspeed nor --fsdp: pass one of "
                           "them (e.g. --deepspeed zero3 or --fsdp), or run one process")
     _check_output(tc)
+    check_reporter(tc.report_to)
+    if tc.quantize and (err := registry.import_problem("bitsandbytes")):
+        raise ParrotError(f"--quantize 4 needs bitsandbytes ({err}): pip install 'parrot-vlm[qlora]'")
+    if tc.eval_data:
+        from .evaluation import eval_sources
+
+        eval_sources(tc)  # a missing --eval-data file fails before the run starts
     raw_ds = read_ds_config(tc.deepspeed) if tc.deepspeed is not None else None
     run = RunDir(tc.output)
     if rank == 0:  # the other ranks may look only after rank 0 created the directory
@@ -105,7 +113,7 @@ def prepare_run(tc: TrainConfig, progress: bool = True) -> PreparedRun:
                      progress=progress and rank == 0)
     ds = None
     if raw_ds is not None:
-        plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, world_size)
+        plan = StepPlan.for_run(tc, data, world_size)
         ds = resolve_ds_config(
             raw_ds, batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world_size, lr=tc.lr,
             weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, dtype=tc.dtype,

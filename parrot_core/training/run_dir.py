@@ -98,15 +98,17 @@ class RunDir:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, tmp: Path, step: int, state: dict[str, Any], keep: int | None = None) -> Path:
-        """Writes trainer_state.json last, renames `tmp` into place, and prunes old checkpoints."""
+    def commit(self, tmp: Path, step: int, state: dict[str, Any], keep: int | None = None,
+               protect: int | None = None) -> Path:
+        """Writes trainer_state.json last, renames `tmp` into place, and prunes old checkpoints (all but the
+        `keep` newest and the `protect` step: --save-best's)."""
         write_json(tmp / STATE_NAME, state)
         dst = self.checkpoint_dir(step)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
         if keep is not None:
-            for old in self.checkpoint_steps()[:-keep]:
+            for old in [s for s in self.checkpoint_steps()[:-keep] if s != protect]:
                 shutil.rmtree(self.checkpoint_dir(old), ignore_errors=True)
         return dst
 

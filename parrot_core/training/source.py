@@ -54,9 +54,10 @@ def open_source(tc: TrainConfig) -> ModelSource:
 # ---------------------------------------------------------------- sources
 def _from_checkpoint(tc: TrainConfig) -> ModelSource:
     ckpt = Checkpoint.open(resolve_model_path(tc.model), tc.vision_tower)
-    if ckpt.quantized and not (registry.get(tc.backend).lora_training and tc.lora):
+    if ckpt.quantized and not (registry.get(tc.backend).qlora == "quantized_base" and tc.lora):
         where = ("fully (only LoRA adapters train on a quantized base: --lora)"
-                 if registry.get(tc.backend).lora_training else f"on --backend {tc.backend}")
+                 if registry.get(tc.backend).qlora == "quantized_base" else
+                 f"on --backend {tc.backend} (QLoRA there: --lora --quantize 4 on a float base)")
         raise ParrotError(f"{ckpt.path}: quantized MLX weights cannot be trained {where}; dequantize them with "
                           "`parrot convert --to hf`")
     cfg = ckpt.config
@@ -67,8 +68,8 @@ def _from_checkpoint(tc: TrainConfig) -> ModelSource:
         cfg.moe_weight = tc.moe_weight
         new.append("moe_model")
         if tc.lora and tc.use_moe:
-            raise ParrotError(f"{ckpt.path} has no MoE weights: with --lora the MoE would stay frozen at a random "
-                              "init that the adapter does not save. Train stage 2 fully first, or add --no-moe.")
+            raise ParrotError(f"{ckpt.path} has no MoE weights: an adapter applies to a base that holds them. "
+                              "Train stage 2 fully first, or add --no-moe.")
 
     def unused() -> Iterator[tuple[str, np.ndarray]]:
         for k in ckpt.files.keys():

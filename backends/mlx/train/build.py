@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from parrot.errors import ParrotError
 from parrot.model.layout import official_to_mlx_array, official_to_mlx_key
-from parrot.training.adapter import target_modules
+from parrot.training.adapter import full_modules, init_lora, target_modules
 from parrot.training.config import TrainConfig
 from parrot.training.source import ModelSource
 
@@ -50,12 +50,21 @@ def build_model(src: ModelSource, seed: int) -> ParrotForCausalLM:
 
 def set_trainable(model: ParrotForCausalLM, tc: TrainConfig) -> list[str]:
     """Without --lora, the torch backend's set: stage 1 the projector; stage 2 projector, MoE (unless
-    bypassed) and LLM; the vision tower if asked. With --lora: the adapters only (everything else
-    frozen). Returns the LoRA module paths (empty without --lora)."""
+    bypassed) and LLM; the vision tower if asked. With --lora: the adapters (initial weights from
+    parrot.training.adapter.init_lora, as on torch) plus the projector and MoE fully (their float
+    layers; none with --lora-only). Returns the LoRA module paths (empty without --lora)."""
     model.freeze()
     if tc.lora:
         modules = target_modules(model.config, tc.lora_targets, tc.lora_layers)
         apply_lora(model, modules, tc.lora_rank, tc.lora_scale, tc.lora_dropout)
+        found = dict(model.named_modules())
+        shapes = {m: (found[m].lora_a.shape[0], found[m].lora_b.shape[1]) for m in modules}
+        init = init_lora(shapes, tc.lora_rank, tc.seed)
+        model.load_weights([(k, mx.array(v)) for k, v in init.items()], strict=False)
+        full = tuple(f"{n}." for n in full_modules(model.config, tc.lora_targets, tc.lora_only))
+        for path, m in found.items():
+            if path.startswith(full) and isinstance(m, nn.Linear) and not isinstance(m, nn.QuantizedLinear):
+                m.unfreeze(recurse=False)
         return modules
     for layer in model.mm_projector:
         layer.unfreeze()
@@ -124,7 +133,7 @@ def _checkpointed_class(base: type) -> type:
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
-        _CHECKPOINTED[base] = type(base.__name__, (base,), {"__call__": __call__})
+        _CHECKPOINTED[base] = type(base.__name__, (base,), {"__call__": __call__, "grad_checkpoint": True})
     return _CHECKPOINTED[base]
 
 

@@ -26,7 +26,7 @@ from parrot.model.layout import (
     official_to_mlx_shape,
 )
 from parrot.storage.safetensors_io import NAME_TO_NP, ShardedWriter, TensorSpec
-from parrot.training.adapter import adapter_config, save_adapter
+from parrot.training.adapter import adapter_config, is_full_tensor, save_adapter
 from parrot.training.config import TrainConfig
 from parrot.training.source import ModelSource, move_model_into, write_model_description
 
@@ -77,10 +77,13 @@ def export_model(model: ParrotForCausalLM, src: ModelSource, out: Path, dtype: s
 
 def export_adapter(model: ParrotForCausalLM, src: ModelSource, tc: TrainConfig, modules: list[str], out: Path,
                    steps: int) -> None:
-    """adapters.safetensors + adapter_config.json (mlx-lm's names) into `out`."""
+    """adapters.safetensors + adapter_config.json (mlx-lm's names) into `out`, the fully trained
+    projector / MoE tensors beside the adapters (as mlx-lm saves every trainable parameter)."""
     weights = {k: to_np(v).astype(np.float32) for k, v in lora_weights(model).items()}
+    full = {k: to_np(v).astype(np.float32) for k, v in tree_flatten(model.trainable_parameters())
+            if is_full_tensor(k)}
     base = str(src.checkpoint.path if src.checkpoint is not None else tc.model)
     cfg = adapter_config(tc.lora_rank, tc.lora_scale, tc.lora_dropout, tc.lora_alpha, tc.lora_targets, modules,
                          src.config, base, tc.lora_layers,
                          extra={"stage": tc.stage, "use_moe": tc.use_moe, "trained_steps": steps})
-    save_adapter(out, cfg, weights)
+    save_adapter(out, cfg, weights, full)

@@ -8,6 +8,7 @@ as are the data order, step plan and lr schedule (parrot.training.schedule).
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from parrot import registry
 from parrot.errors import ParrotError
 from parrot.training import PreparedRun
+from parrot.training.evaluation import model_checkpoint
 from parrot.training.loop import StepStats, run_steps
 from parrot.training.schedule import StepPlan, cosine_lr_factor, warmup_steps
 
@@ -37,15 +40,17 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     tc, data, src = p.config, p.data, p.source
     random.seed(tc.seed)
     np.random.seed(tc.seed)
-    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps)
+    plan = StepPlan.for_run(tc, data)
     model = build_model(src, tc.seed)
     lora_modules = set_trainable(model, tc)
     cast_frozen(model, tc.dtype)
     p.echo(trainable_summary(model))
     if tc.gradient_checkpointing:
         enable_grad_checkpoint(model)
+    if tc.packing:
+        p.echo("packing: the samples of a micro-batch in one row, attention within each sample (SDPA per sample)")
     model.train()
-    optimizer = TorchAdamW(tc.lr, tc.weight_decay)
+    optimizer = TorchAdamW(tc.lr, tc.weight_decay, module_lrs=tc.module_lrs)
     optimizer.init(model.trainable_parameters())
     n_warmup = warmup_steps(plan.total_steps, tc.warmup_ratio)
     engine = MLXEngine(p, model, optimizer, lora_modules, plan, n_warmup)
@@ -96,7 +101,7 @@ class MLXEngine:
         loss_total, count, grads = 0.0, 0, None
         for i, b in enumerate(micro):
             mx.random.seed(_dropout_seed(tc.seed, step, i))  # LoRA dropout masks: a function of the step
-            mb = prepare(b, self.num_visual, tc.max_length)
+            mb = prepare(b, self.num_visual, tc.max_length, tc.packing)
             (_, s), g = self.loss_and_grad(mb, 1.0 / n_labels)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(s, grads)
@@ -104,13 +109,15 @@ class MLXEngine:
             count += mb.num_labels
         if count != n_labels:  # the data's count normalized the loss
             raise RuntimeError(f"step {step + 1}: the model saw {count} label tokens, the data counted {n_labels}")
-        lr = tc.lr * cosine_lr_factor(step, self.plan.total_steps, self.n_warmup)
+        factor = cosine_lr_factor(step, self.plan.total_steps, self.n_warmup)
+        lr = tc.lr * factor
         grads, norm = clip_grad_norm(grads, tc.max_grad_norm)
-        self.optimizer.lr = lr
+        self.optimizer.lr, self.optimizer.lr_factor = lr, factor
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm)
         return StepStats(loss_total, n_labels, float(norm), lr, sum(b["num_tokens"] for b in micro),
-                         sum(b["padded_tokens"] for b in micro), mx.get_peak_memory() / 2**30)
+                         sum(b["num_tokens" if tc.packing else "padded_tokens"] for b in micro),
+                         mx.get_peak_memory() / 2**30)
 
     def save(self, directory: Path) -> None:
         save_state(self.model, self.optimizer, directory)
@@ -123,6 +130,18 @@ class MLXEngine:
                     f"--adapter {out}; fuse it: parrot convert ... --fuse-adapter {out})")
         export_model(self.model, src, out, tc.dtype, tc.max_length, layout=tc.save_layout)
         return f"saved the trained model to {out} (next stage: --model {out})"
+
+    @contextlib.contextmanager
+    def eval_model(self) -> Iterator[Any]:
+        """The trained model as a ParrotModel in eval mode (no LoRA dropout)."""
+        from ..api import MLXParrot
+
+        tc = self.p.config
+        self.model.eval()
+        try:
+            yield MLXParrot.from_module(self.model, model_checkpoint(self.p.source), tc.dtype, registry.get(tc.backend))
+        finally:
+            self.model.train()
 
     def barrier(self) -> None:
         pass

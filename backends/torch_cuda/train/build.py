@@ -59,8 +59,8 @@ def trainable_summary(model: nn.Module) -> str:
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            part = ("vision tower" if ".vision_tower." in name else "projector" if ".mm_projector." in name
-                    else "MoE" if ".moe_model." in name else "LLM")
+            part = ("LoRA" if ".lora_" in name else "vision tower" if ".vision_tower." in name
+                    else "projector" if ".mm_projector." in name else "MoE" if ".moe_model." in name else "LLM")
             groups[part] = groups.get(part, 0) + p.numel()
     n = sum(groups.values())
     parts = ", ".join(f"{k} {v:,}" for k, v in groups.items())
@@ -75,3 +75,14 @@ def enable_activation_checkpointing(model: ParrotForCausalLM) -> None:
         qwen.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def packed_attention(model: nn.Module, device: torch.device) -> str:
+    """For --packing: flash-attention's varlen kernels on CUDA when flash_attn is installed (transformers reads the
+    samples' bounds off the restarting position ids), else SDPA with a block-diagonal causal mask. Says which."""
+    import importlib.util
+
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        model.model.config._attn_implementation = "flash_attention_2"
+        return "flash-attention varlen"
+    return "SDPA per sample"

@@ -21,9 +21,12 @@ from safetensors.torch import save_file
 
 from parrot.storage.fsutil import apply_umask
 from parrot.storage.safetensors_io import INDEX_NAME
+from parrot.training.adapter import adapter_config, save_adapter
+from parrot.training.config import TrainConfig
 from parrot.training.source import ModelSource, move_model_into, write_model_description
 
 from ..loading import TORCH_DTYPES, to_torch
+from .lora import adapter_tensors
 from .strategy import Strategy
 
 
@@ -81,3 +84,16 @@ def export_model(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_adapter(model: torch.nn.Module, src: ModelSource, tc: TrainConfig, modules: list[str], out: Path,
+                   steps: int) -> None:
+    """The adapter in PEFT's format (adapter_model.safetensors + adapter_config.json) into `out`, the fully
+    trained projector / MoE tensors as PEFT's modules_to_save; the same record as an MLX run's."""
+    weights, full = adapter_tensors(model, modules)
+    base = str(src.checkpoint.path if src.checkpoint is not None else tc.model)
+    cfg = adapter_config(tc.lora_rank, tc.lora_scale, tc.lora_dropout, tc.lora_alpha, tc.lora_targets, modules,
+                         src.config, base, tc.lora_layers,
+                         extra={"stage": tc.stage, "use_moe": tc.use_moe, "trained_steps": steps,
+                                "quantize": tc.quantize})
+    save_adapter(out, cfg, weights, full, fmt="peft")

@@ -9,6 +9,7 @@ checkpoints, export) is the shared one (parrot.training.loop).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +20,17 @@ import torch
 
 from parrot import registry
 from parrot.training import PreparedRun
+from parrot.training.evaluation import model_checkpoint
 from parrot.training.loop import StepStats, run_steps
 from parrot.training.schedule import StepPlan, warmup_steps
 
 from ..loading import TORCH_DTYPES
 from ..model import causal_lm_loss_sum
-from .build import build_model, enable_activation_checkpointing, set_trainable, trainable_summary
+from .build import build_model, enable_activation_checkpointing, packed_attention, set_trainable, trainable_summary
 from .data import micro_batch_loader
 from .dist import local_device
-from .export import export_model
+from .export import export_adapter, export_model
+from .lora import apply_lora
 from .state import load_rng, save_rng
 from .strategy import OptimSpec, SingleProcess, Strategy
 
@@ -37,23 +40,34 @@ def run_training(p: PreparedRun, stop_after: int | None = None, progress: bool =
     tc, data, src = p.config, p.data, p.source
     strategy = make_strategy(p)
     _seed_everything(tc.seed)
-    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, tc.epochs, tc.max_steps, strategy.world_size)
-    model = build_model(src, strategy.build_device, tc.seed)
-    set_trainable(model, tc.stage, tc.use_moe, tc.train_vision)
+    plan = StepPlan.for_run(tc, data, strategy.world_size)
+    # QLoRA: build on the host, so the float weights never fill the GPU before they are quantized
+    model = build_model(src, "cpu" if tc.quantize else strategy.build_device, tc.seed)
+    if tc.lora:
+        lora_modules = apply_lora(model, tc)
+    else:
+        lora_modules = []
+        set_trainable(model, tc.stage, tc.use_moe, tc.train_vision)
     p.echo(trainable_summary(model))
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if tc.packing:
+        attention = packed_attention(model, strategy.device)
+        p.echo(f"packing: the samples of a micro-batch in one row, attention within each sample ({attention})")
     optim = OptimSpec(tc.lr, tc.weight_decay, tc.max_grad_norm, plan.total_steps,
-                      warmup_steps(plan.total_steps, tc.warmup_ratio))
+                      warmup_steps(plan.total_steps, tc.warmup_ratio), tc.module_lrs)
     forward = strategy.prepare(model, optim)
-    return run_steps(p, TorchEngine(p, strategy, forward), plan, optim.warmup_steps, stop_after, progress)
+    engine = TorchEngine(p, strategy, forward, lora_modules, plan.total_steps)
+    return run_steps(p, engine, plan, optim.warmup_steps, stop_after, progress)
 
 
 class TorchEngine:
     """One optimizer step of the torch model behind a `Strategy` (one process, DeepSpeed or FSDP2)."""
 
-    def __init__(self, p: PreparedRun, strategy: Strategy, forward):
+    def __init__(self, p: PreparedRun, strategy: Strategy, forward, lora_modules: list[str] | None = None,
+                 total_steps: int = 0):
         self.p, self.strategy, self.forward = p, strategy, forward
+        self.lora_modules, self.total_steps = lora_modules or [], total_steps
         self.device = strategy.device
         self.rank, self.world_size = strategy.rank, strategy.world_size
         self.micro_per_step: list[int] = []
@@ -94,6 +108,7 @@ class TorchEngine:
             logits, plan = self.forward(
                 input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                 pixel_values=mb["pixel_values"].to(device), labels=mb["labels"], max_length=tc.max_length,
+                packing=tc.packing,
             )
             loss, n = causal_lm_loss_sum(logits, plan.labels)
             strategy.backward(loss / n_labels, last=i == len(micro) - 1)
@@ -102,21 +117,44 @@ class TorchEngine:
         lr = strategy.lr()
         grad_norm = strategy.step()
         own = sum(mb["num_label_tokens"] for mb in micro)
+        computed = "num_tokens" if tc.packing else "padded_tokens"  # positions the LLM ran
         if count != own:  # the data's count normalized the loss
             raise RuntimeError(f"step {step + 1}: the model saw {count} label tokens, the data counted {own}")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return StepStats(
             loss_sum=strategy.all_reduce_sum(float(loss_sum)), label_count=int(n_labels), grad_norm=grad_norm,
             lr=lr, tokens=int(strategy.all_reduce_sum(sum(mb["num_tokens"] for mb in micro))),
-            padded=int(strategy.all_reduce_sum(sum(mb["padded_tokens"] for mb in micro))), peak_memory_gib=peak)
+            padded=int(strategy.all_reduce_sum(sum(mb[computed] for mb in micro))),
+            peak_memory_gib=peak)
 
     def save(self, directory: Path) -> None:
         self.strategy.save(directory)
         save_rng(directory / f"rng-rank{self.rank}.safetensors")
 
     def export(self, out: Path) -> str:
+        tc, src = self.p.config, self.p.source
+        if tc.lora:
+            export_adapter(self.strategy.model, src, tc, self.lora_modules, out, self.total_steps)
+            return (f"saved the LoRA adapter (PEFT format) to {out} (use it: parrot chat --model "
+                    f"{src.tokenizer_dir} --adapter {out}; fuse it: parrot convert ... --fuse-adapter {out})")
         export_model(self.strategy, self.p.source, out, self.p.config.dtype, self.p.config.max_length)
         return f"saved the trained model to {out} (next stage: --model {out})"
+
+    @contextlib.contextmanager
+    def eval_model(self) -> Iterator[Any]:
+        """The trained model as a ParrotModel in eval mode, under the run's autocast (rank 0, one process)."""
+        from ..api import TorchParrot
+
+        tc, model = self.p.config, self.strategy.model
+        view = TorchParrot.from_module(model, model_checkpoint(self.p.source), tc.dtype, registry.get(tc.backend))
+        amp = (torch.autocast(self.device.type, dtype=TORCH_DTYPES[tc.dtype]) if tc.dtype != "float32"
+               else contextlib.nullcontext())
+        model.eval()
+        try:
+            with amp:
+                yield view
+        finally:
+            model.train()
 
     def barrier(self) -> None:
         self.strategy.barrier()

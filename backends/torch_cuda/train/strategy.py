@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ class OptimSpec:
     max_grad_norm: float | None
     total_steps: int
     warmup_steps: int
+    module_lrs: dict[str, float] = field(default_factory=dict)  # "mm_projector" -> its peak lr (TrainConfig)
 
     @property
     def lr_lambda(self) -> Callable[[int], float]:
@@ -86,13 +87,29 @@ def clip_and_step(params, max_grad_norm: float | None, optimizer, scheduler) -> 
     return norm
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters: matrices decay, biases / norms / embeddings' 1-D tensors do not."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 module_lrs: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters: matrices decay, biases / norms / embeddings' 1-D tensors do not; modules with their
+    own learning rate (`module_lrs`, e.g. {"mm_projector": 1e-4}: --mm-projector-lr) in groups of their own,
+    after the --lr groups (the first group's lr is the one logged)."""
+    module_lrs = module_lrs or {}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            module = next((m for m in module_lrs if f"model.{m}." in name), "")
+            groups.setdefault((module, p.ndim >= 2), []).append(p)
+    out = []
+    for module in ("", *module_lrs):
+        for decay in (True, False):
+            params = groups.get((module, decay), [])
+            if params or not module:  # the two --lr groups always (as before), the others when they have any
+                g = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+                if module:
+                    g["lr"] = module_lrs[module]
+                elif lr is not None:
+                    g["lr"] = lr
+                out.append(g)
+    return out
 
 
 class SingleProcess:
@@ -113,14 +130,14 @@ class SingleProcess:
         model.to(self.device)
         if self.compute_dtype != torch.float32:
             for p in model.parameters():
-                if not p.requires_grad:
+                if not p.requires_grad and p.is_floating_point():  # a 4-bit (QLoRA) base stays as it is
                     p.data = p.data.to(self.compute_dtype)
         model.train()
         self.model, self.optim = model, optim
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                                           betas=(0.9, 0.999), eps=1e-8)
+        groups = param_groups(model, optim.weight_decay, optim.lr, optim.module_lrs)
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, optim.lr_lambda)
         return self.forward
 

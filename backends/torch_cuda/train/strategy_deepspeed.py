@@ -55,7 +55,8 @@ class DeepSpeedStrategy(Collectives):
             self.echo(f"--deepspeed: {note}")
         cfg = {**r.config, "steps_per_print": r.config.get("steps_per_print", 2**31 - 1)}
         model.train()
-        optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=r.betas, eps=r.eps)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, optim.weight_decay, optim.lr, optim.module_lrs), lr=optim.lr, betas=r.betas, eps=r.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
                                                config=cfg, dist_init_required=False)

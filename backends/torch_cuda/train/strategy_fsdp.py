@@ -72,8 +72,8 @@ class FSDPStrategy(Collectives):
         model.train()
         self.model, self.optim = model, optim
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                                           betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.lr, optim.module_lrs),
+                                           lr=optim.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, optim.lr_lambda)
         return model
 
