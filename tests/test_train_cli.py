@@ -143,14 +143,6 @@ def test_resume_with_other_settings_is_refused(two_stages, dataset):
     assert_clean_failure(p, "--resume", "batch_size 2 -> 1")
 
 
-@pytest.mark.parametrize("extra, needles", [
-])
-def test_options_of_later_issues_fail_cleanly(tmp_path, tiny_ckpt, dataset, extra, needles):
-    data, images = dataset
-    p = run_parrot("train", "--stage", "2", "--model", tiny_ckpt, "--data", data, "--output", tmp_path / "o", *extra)
-    assert_clean_failure(p, *needles)
-
-
 def test_bad_inputs_fail_cleanly(tmp_path, tiny_ckpt, dataset):
     data, images = dataset
     base = ["train", *CPU, "--stage", "2", "--data", data, "--image-dir", images]
