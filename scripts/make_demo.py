@@ -32,12 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(stage1=6000, stage2=24000, heldout=240, steps1=100, steps2a=600, steps2=2000, batch=16, vocab=1400,
+FULL = dict(stage1=6000, stage2=24000, heldout=240, steps1=100, steps2a=600, steps2o=0, steps2=2000, batch=16,
+            vocab=1400,
             lr2=2e-3,
             hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, moe_intermediate=96,
             vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8,
-            clip_steps=600, clip_batch=128, clip_lr=2e-3)
-QUICK = dict(FULL, clip_steps=150, stage1=600, stage2=3000, heldout=24, steps1=20, steps2a=150, steps2=300,
+            clip_steps=600, clip_batch=128, clip_lr=2e-3, attribute_weight=0.0)
+QUICK = dict(FULL, clip_steps=150, stage1=600, stage2=3000, heldout=24, steps1=20, steps2a=150, steps2o=0, steps2=300,
              vocab=900, hidden=96,
              layers=2, intermediate=256, moe_intermediate=64, vision_hidden=64, vision_layers=2, image_size=48)
 
@@ -113,6 +114,22 @@ def new_tower(directory: Path, s: dict, seed: int) -> None:
     ImageSettings.clip_defaults(s["image_size"]).save(directory)
 
 
+ATTRIBUTE_SIZES = (8, 4, 4, 4)  # colours, shapes, positions, counts
+
+
+def caption_labels(text: str) -> list[int]:
+    """(colour, shape, position, count) indices of a stage-1 caption; -100 where the caption does not say (the
+    colour, shape and position of the shape are labelled on one-shape images only, as the questions ask them)."""
+    from parrot.demo import phrases as P
+
+    words = text.lower().rstrip(".").replace(",", " ").split()
+    if words[1] == "shapes:":
+        return [-100, -100, -100, ["one", "two", "three", "four"].index(words[0])]
+    colour, shape = words[1], words[2]
+    position = next(p for p in P.POSITIONS if p in words)
+    return [P.COLOURS.index(colour), P.SHAPES.index(shape), P.POSITIONS.index(position), 0]
+
+
 def pretrain_tower(data: Path, tok_dir: Path, directory: Path, s: dict, seed: int) -> list[float]:
     """Contrastive pre-training (CLIP's loss, transformers' CLIPModel) of the tower on the stage-1 image-caption
     pairs, with a small text encoder over the demo's tokenizer; saves the vision half. Returns the loss curve."""
@@ -138,16 +155,37 @@ def pretrain_tower(data: Path, tok_dir: Path, directory: Path, s: dict, seed: in
                           num_attention_heads=4, max_position_embeddings=width, eos_token_id=eos, pad_token_id=pad,
                           projection_dim=64)
     clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64))
-    opt = torch.optim.AdamW(clip.parameters(), lr=s["clip_lr"], weight_decay=0.0)
+    # supervised attribute heads on the features Parrot takes (hidden_states[-2], mean over the tokens): the labels
+    # are read from the synthetic captions themselves, so the tower learns to make colour, shape, position and
+    # count linearly decodable (contrastive learning alone left the shape at 43%, docs/demo.md)
+    labels = torch.tensor([caption_labels(c) for _, c in pairs])  # [N, 4]: colour, shape, position, count; -100
+    heads = torch.nn.ModuleList(torch.nn.Linear(vision.hidden_size, n) for n in ATTRIBUTE_SIZES
+                                if s["attribute_weight"])
+    params = [*clip.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=s["clip_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["clip_lr"], total_steps=s["clip_steps"], pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     losses, t = [], time.time()
     for step in range(s["clip_steps"]):
         b = torch.randint(0, len(pairs), (s["clip_batch"],), generator=g)
-        loss = clip(input_ids=input_ids[b], attention_mask=mask[b], pixel_values=pixels[b], return_loss=True).loss
+        out = clip(input_ids=input_ids[b], attention_mask=mask[b], pixel_values=pixels[b], return_loss=True,
+                   output_hidden_states=True)
+        loss = out.loss
+        if s["attribute_weight"]:
+            feats = out.vision_model_output.hidden_states[-2].mean(1)
+            # shape, position and count are learnt on recoloured copies (each image's channels permuted and some
+            # inverted): the held-out split pairs colours with shapes never seen together, so the shape features must
+            # not lean on the colour (without this a probe reads 8% of the held-out shapes, below chance)
+            perm = torch.argsort(torch.rand(len(b), 3, generator=g), dim=1)
+            sign = torch.where(torch.rand(len(b), 3, 1, 1, generator=g) < 0.5, -1.0, 1.0)
+            recoloured = torch.gather(pixels[b], 1, perm[:, :, None, None].expand_as(pixels[b])) * sign
+            feats_rc = clip.vision_model(pixel_values=recoloured, output_hidden_states=True).hidden_states[-2].mean(1)
+            for k, head in enumerate(heads):
+                loss = loss + s["attribute_weight"] * torch.nn.functional.cross_entropy(
+                    head(feats if k == 0 else feats_rc), labels[b, k], ignore_index=-100)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -189,6 +227,23 @@ def scale_tower(directory: Path, data: Path, s: dict, target_rms: float = 0.2) -
     return alpha
 
 
+def open_questions(samples: list[dict]) -> list[dict]:
+    """The stage-2 samples with their multiple-choice turns removed (answered with one letter), for the curriculum."""
+    import re
+
+    kept = []
+    for x in samples:
+        turns = [(q["value"].replace("<image>\n", ""), a["value"])
+                 for q, a in zip(x["conversations"][::2], x["conversations"][1::2])
+                 if not re.fullmatch(r"[A-D]", a["value"].strip())]
+        if turns:
+            convs = []
+            for t, (q, a) in enumerate(turns):
+                convs += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
+            kept.append({**x, "conversations": convs})
+    return kept
+
+
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
     import matplotlib
 
@@ -218,10 +273,19 @@ def main() -> None:
     ap.add_argument("--no-moe", action="store_true", help="stage 2 without the MoE (the ablation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps2", type=int, help="stage 2 optimizer steps (default: the preset's)")
+    ap.add_argument("--attribute-heads", action="store_true",
+                    help="experiment: supervised colour/shape/position/count heads in the tower pre-training "
+                    "(labels from the captions; shape, position and count on recoloured images)")
+    ap.add_argument("--curriculum", action="store_true",
+                    help="experiment: stage 2 on the open questions (800 steps) before the full mixture (1,400)")
     ap.add_argument("--data", type=Path, help="reuse the data and tokenizer of this earlier run's OUTPUT folder")
     ap.add_argument("--backends", default="cpu,mlx", help="where to evaluate (mlx only when importable)")
     args = ap.parse_args()
     s = dict(QUICK if args.quick else FULL)
+    if args.attribute_heads:
+        s["attribute_weight"] = 1.0
+    if args.curriculum:
+        s["steps2o"], s["steps2"] = (100, 200) if args.quick else (800, 1400)
     if args.steps2:
         s["steps2"] = args.steps2
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster than 2 threads next to the data worker
@@ -267,7 +331,18 @@ def main() -> None:
     # grounding step the six-language instructions teach it to answer from the question alone (see docs/demo.md)
     parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage1.json", "--image-dir", data / "images",
            "--output", s2a, "--lr", s["lr2"], "--max-steps", s["steps2a"], *no_moe, *common)
-    parrot("train", "--stage", "2", "--model", s2a, "--data", data / "stage2.json", "--image-dir", data / "images",
+    # curriculum: the open questions first (short answers that name what is in the image), then the full mixture
+    # with the multiple-choice questions, whose letter answers give the LLM no word to tie to the picture
+    prev = s2a
+    if s["steps2o"]:
+        s2o = out / "stage2-open"
+        open_json = out / "stage2-open.json"
+        open_json.write_text(json.dumps(open_questions(json.loads((data / "stage2.json").read_text())),
+                                        ensure_ascii=False), encoding="utf-8")
+        parrot("train", "--stage", "2", "--model", s2a, "--data", open_json, "--image-dir", data / "images",
+               "--output", s2o, "--lr", s["lr2"], "--max-steps", s["steps2o"], *no_moe, *common)
+        prev = s2o
+    parrot("train", "--stage", "2", "--model", prev, "--data", data / "stage2.json", "--image-dir", data / "images",
            "--output", s2, "--lr", s["lr2"], "--max-steps", s["steps2"], *no_moe, *common)
     final = out / "model"
     parrot("convert", s2, final, "--to", "hf", "--dtype", "float16")
@@ -275,7 +350,7 @@ def main() -> None:
     cfg["mm_vision_tower"] = "demo-clip-vit-48"  # instead of this machine's absolute path
     (final / "config.json").write_text(json.dumps(cfg, indent=2))
     plot_losses({"tower (contrastive)": out, "stage 1 (captions)": s1, "stage 2 on the captions": s2a,
-                 "stage 2 (instructions)": s2},
+                 "stage 2 (open questions)": out / "stage2-open", "stage 2 (instructions)": s2},
                 out / "loss.png")
     tsvs = sorted((data / "heldout").glob("demo_*.tsv"))
     results = {}
