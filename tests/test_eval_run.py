@@ -92,6 +92,7 @@ def test_torn_last_record_is_dropped_and_repaired(tmp_path, cpu_model):
     assert s["answered_now"] == 1 and path.read_bytes() == whole
 
 
+@pytest.mark.slow  # a real SIGKILL / browser end to end: make test runs it, make test-quick skips it
 def test_sigkilled_run_resumes_without_answering_twice(tmp_path, tiny_ckpt, cpu_model):
     data = write_tsv(tmp_path / "toy_en.tsv", mcq_rows(12))
     out = tmp_path / "out"

@@ -42,6 +42,7 @@ def output_ids(path):
     return [json.loads(line)["id"] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # end to end through the CLI on both backends: make test runs it, make test-quick skips it
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_command_answers_then_resumes_with_nothing_to_do(backend, tiny_ckpt, tmp_path):
     inp, rows = write_requests(tmp_path / "in", 5)

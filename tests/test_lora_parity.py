@@ -143,6 +143,7 @@ def test_lora_leaves_every_base_tensor_bit_identical(runs, tiny_ckpt, dataset, t
         assert any(k.startswith(("mm_projector.", "model.mm_projector.")) for k in saved) != lora_only
 
 
+@pytest.mark.slow  # a real SIGKILL / browser end to end: make test runs it, make test-quick skips it
 def test_killed_torch_lora_run_resumes_to_the_uninterrupted_losses(tmp_path, tiny_ckpt, dataset):
     from parrot.training import train
 

@@ -21,6 +21,7 @@ pytestmark = [requires_torch,
               pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")]
 
 
+@pytest.mark.slow  # a real SIGKILL / browser end to end: make test runs it, make test-quick skips it
 def test_upload_ask_and_watch_the_answer_stream(tmp_path):
     ckpt = never_stopping_checkpoint(tmp_path / "parrot-tiny")
     photo = tmp_path / "photo.png"

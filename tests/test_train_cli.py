@@ -106,6 +106,7 @@ def test_stage1_checkpoint_of_a_new_model_converts_without_the_untrained_moe(two
     assert np.array_equal(a.logits(ids), b.logits(ids))  # stage 1 bypasses the MoE: the same function
 
 
+@pytest.mark.slow  # a real SIGKILL / browser end to end: make test runs it, make test-quick skips it
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_ckpt, dataset):
     from parrot.training import train
     from parrot.training.config import TrainConfig

@@ -37,6 +37,7 @@ def _rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # end to end through the CLI on both backends: make test runs it, make test-quick skips it
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_during_training_logs_what_parrot_eval_gives_on_the_weights(tmp_path, tiny_ckpt, dataset, tsvs,
                                                                          backend):
