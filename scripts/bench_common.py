@@ -41,3 +41,30 @@ def write_training_data(root: Path, n: int, max_repeats: int, seed: int = 0) -> 
         samples.append(s)
     (root / "data.json").write_text(json.dumps(samples, ensure_ascii=False))
     return root / "data.json"
+
+
+def reference_qwen2(model_dir: Path, data_path: Path, tc, steps: int):
+    """The reference side of the torch training benchmarks: our micro-batches (LlavaData + StepPlan, the same
+    data and plan as the run) and a transformers Qwen2ForCausalLM with the LLM's config, activation
+    checkpointing on as the trainer applies it. Returns (data, plan, model). Imports torch lazily (the MLX
+    benchmark scripts share this module)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from parrot.backends.torch_cuda.model import qwen2_config
+    from parrot.backends.torch_cuda.train.build import enable_activation_checkpointing
+    from parrot.model.config import ParrotConfig
+    from parrot.model.tokenizer import Tokenizer
+    from parrot.model.tower import resolve_vision_tower
+    from parrot.training.data import LlavaData
+    from parrot.training.schedule import StepPlan
+
+    cfg = ParrotConfig.from_file(model_dir)
+    tower = resolve_vision_tower(cfg, model_dir)
+    data = LlavaData(data_path, data_path.parent / "images", Tokenizer.from_dir(model_dir), tower.image,
+                     cfg.num_visual_tokens(tower.config), tc.max_length)
+    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, max_steps=steps)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(qwen2_config(cfg)).train()
+    enable_activation_checkpointing(model)  # the same helper the trainer applies (model.model: Qwen2Model)
+    return data, plan, model

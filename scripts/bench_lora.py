@@ -25,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_common import write_training_data
+from bench_common import reference_qwen2, write_training_data
 from parrot.model.checkpoint import Checkpoint
 from parrot.model.config import VisionConfig
-from parrot.model.tokenizer import Tokenizer
 from parrot.testing import TinySpec, write_tiny_checkpoint
 from parrot.training import train
 from parrot.training.config import TrainConfig
-from parrot.training.data import LlavaData
-from parrot.training.schedule import StepPlan
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,21 +38,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def peft_reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:
     """PEFT's LoRA (rank 8, alpha 160 = scale 20) on a transformers Qwen2ForCausalLM, our micro-batches' shapes."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2ForCausalLM
 
-    from parrot.backends.torch_cuda.model import qwen2_config
-    from parrot.backends.torch_cuda.train.build import enable_activation_checkpointing
-    from parrot.model.config import ParrotConfig
-    from parrot.model.tower import resolve_vision_tower
-
-    cfg = ParrotConfig.from_file(model_dir)
-    tower = resolve_vision_tower(cfg, model_dir)
-    data = LlavaData(data_path, data_path.parent / "images", Tokenizer.from_dir(model_dir), tower.image,
-                     cfg.num_visual_tokens(tower.config), tc.max_length)
-    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, max_steps=steps)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(qwen2_config(cfg)).train()
-    enable_activation_checkpointing(model)
+    data, plan, model = reference_qwen2(model_dir, data_path, tc, steps)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=160, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
@@ -64,7 +48,7 @@ def peft_reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfi
         t0, tokens = time.perf_counter(), 0
         for mb in plan.micro_batches(s):
             lengths = [data.samples[i].length for i in mb]
-            ids = torch.randint(0, cfg.vocab_size, (len(mb), max(lengths)))
+            ids = torch.randint(0, model.config.vocab_size, (len(mb), max(lengths)))
             mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
             out = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
             out.loss.backward()

@@ -28,43 +28,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Qwen2ForCausalLM
 
-from bench_common import write_training_data
+from bench_common import reference_qwen2, write_training_data
 from parrot import registry
 from parrot.model.checkpoint import Checkpoint
 from parrot.model.config import VisionConfig
-from parrot.model.tokenizer import Tokenizer
 from parrot.testing import TinySpec, write_tiny_checkpoint
 from parrot.training import train
 from parrot.training.config import TrainConfig
-from parrot.training.data import LlavaData
-from parrot.training.schedule import StepPlan
 
 
 def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:
     """A transformers Qwen2ForCausalLM trained on random tokens shaped like our micro-batches."""
-    from parrot.backends.torch_cuda.model import qwen2_config
-    from parrot.model.config import ParrotConfig
-    from parrot.model.tower import resolve_vision_tower
-
-    cfg = ParrotConfig.from_file(model_dir)
-    tower = resolve_vision_tower(cfg, model_dir)
-    data = LlavaData(data_path, data_path.parent / "images", Tokenizer.from_dir(model_dir), tower.image,
-                     cfg.num_visual_tokens(tower.config), tc.max_length)
-    plan = StepPlan(len(data), tc.batch_size, tc.grad_accum, tc.seed, max_steps=steps)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(qwen2_config(cfg)).train()
-    from parrot.backends.torch_cuda.train.build import enable_activation_checkpointing
-
-    enable_activation_checkpointing(model)  # the same helper the trainer applies (model.model: Qwen2Model)
+    data, plan, model = reference_qwen2(model_dir, data_path, tc, steps)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
     rates = []
     for s in range(steps):
         t0, tokens = time.perf_counter(), 0
         for mb in plan.micro_batches(s):
             lengths = [data.samples[i].length for i in mb]
-            ids = torch.randint(0, cfg.vocab_size, (len(mb), max(lengths)))
+            ids = torch.randint(0, model.config.vocab_size, (len(mb), max(lengths)))
             mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
             out = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
             out.loss.backward()
