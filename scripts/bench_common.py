@@ -68,3 +68,28 @@ def reference_qwen2(model_dir: Path, data_path: Path, tc, steps: int):
     model = Qwen2ForCausalLM(qwen2_config(cfg)).train()
     enable_activation_checkpointing(model)  # the same helper the trainer applies (model.model: Qwen2Model)
     return data, plan, model
+
+
+def reference_rates(data, plan, model, params, steps: int) -> list[float]:
+    """Tokens/s of each of `steps` optimizer steps of the reference model (AdamW 2e-5, clip 1.0) on random
+    token ids shaped like our micro-batches (same lengths, padding masked out of the loss)."""
+    import time
+
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=2e-5)
+    rates = []
+    for s in range(steps):
+        t0, tokens = time.perf_counter(), 0
+        for mb in plan.micro_batches(s):
+            lengths = [data.samples[i].length for i in mb]
+            ids = torch.randint(0, model.config.vocab_size, (len(mb), max(lengths)))
+            mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+            out = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
+            out.loss.backward()
+            tokens += sum(lengths)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(tokens / (time.perf_counter() - t0))
+    return rates

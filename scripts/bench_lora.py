@@ -18,14 +18,13 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench_common import reference_qwen2, write_training_data
+from bench_common import reference_qwen2, reference_rates, write_training_data
 from parrot.model.checkpoint import Checkpoint
 from parrot.model.config import VisionConfig
 from parrot.testing import TinySpec, write_tiny_checkpoint
@@ -42,22 +41,7 @@ def peft_reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfi
     data, plan, model = reference_qwen2(model_dir, data_path, tc, steps)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=160, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-5)
-    rates = []
-    for s in range(steps):
-        t0, tokens = time.perf_counter(), 0
-        for mb in plan.micro_batches(s):
-            lengths = [data.samples[i].length for i in mb]
-            ids = torch.randint(0, model.config.vocab_size, (len(mb), max(lengths)))
-            mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
-            out = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
-            out.loss.backward()
-            tokens += sum(lengths)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rates.append(tokens / (time.perf_counter() - t0))
-    return rates
+    return reference_rates(data, plan, model, params, steps)
 
 
 def main() -> None:

@@ -22,14 +22,13 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench_common import reference_qwen2, write_training_data
+from bench_common import reference_qwen2, reference_rates, write_training_data
 from parrot import registry
 from parrot.model.checkpoint import Checkpoint
 from parrot.model.config import VisionConfig
@@ -41,22 +40,7 @@ from parrot.training.config import TrainConfig
 def reference_tokens_per_s(model_dir: Path, data_path: Path, tc: TrainConfig, steps: int) -> list[float]:
     """A transformers Qwen2ForCausalLM trained on random tokens shaped like our micro-batches."""
     data, plan, model = reference_qwen2(model_dir, data_path, tc, steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    rates = []
-    for s in range(steps):
-        t0, tokens = time.perf_counter(), 0
-        for mb in plan.micro_batches(s):
-            lengths = [data.samples[i].length for i in mb]
-            ids = torch.randint(0, model.config.vocab_size, (len(mb), max(lengths)))
-            mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
-            out = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
-            out.loss.backward()
-            tokens += sum(lengths)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rates.append(tokens / (time.perf_counter() - t0))
-    return rates
+    return reference_rates(data, plan, model, list(model.parameters()), steps)
 
 
 def main() -> None:

@@ -30,6 +30,18 @@ requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installe
 BACKENDS = [pytest.param("cpu", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 
 
+def _cuda_visible() -> bool:
+    if not HAS_TORCH:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# CUDA tests run on a GPU machine (scripts/gpu_check.sh); elsewhere they are skipped with this reason
+requires_cuda = pytest.mark.skipif(not _cuda_visible(), reason="no CUDA GPU (torch sees none)")
+
+
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from train_helpers import read_losses, write_dataset
 
-from conftest import BACKENDS, requires_torch
+from conftest import BACKENDS, requires_cuda, requires_torch
 from parrot.model.splice import pack_plan, plan_splice
 from parrot.training.config import TrainConfig
 from parrot.training.data import LlavaData, collate
@@ -227,14 +227,12 @@ def test_cli_takes_packing(tmp_path, tiny_ckpt, dataset):
 
 
 @pytest.mark.cuda
+@requires_cuda
 def test_packing_on_cuda_per_sample_sdpa_and_flash_attention_varlen(tiny_ckpt, dataset):
     """On a GPU (scripts/gpu_check.sh): per-sample SDPA in float32 as on the CPU (1e-4), and, when flash_attn is
     installed, its varlen kernels under bf16 autocast against the padded bf16 batch (per-sample losses, 2%)."""
     import importlib.util
 
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     src, batch = _batch(tiny_ckpt, *dataset, order=[2, 1, 0])
     nll_pad, plan_pad, _ = _torch_run(src, batch, False, None, "cuda")
     nll_pack, plan_pack, _ = _torch_run(src, batch, True, None, "cuda")
