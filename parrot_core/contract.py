@@ -121,13 +121,34 @@ class DecodeBatch(ABC):
     def step(self) -> list[tuple[int, int]]:
         """One decode step of every row: (key, next token) each, in the order rows joined."""
 
-    @abstractmethod
+    # the rows' bookkeeping, shared: `keys` (row keys in join order) and `samplers` (one per row) are kept by
+    # the backend's `add` and `_reset`; `remove` drops a row from them and has the backend select its arrays
+    keys: list[int]
+    samplers: list[Any]
+
     def remove(self, key: int) -> None:
         """Drops a row (its KV cache is freed); unknown keys are ignored."""
+        if key not in self.keys:
+            return
+        keep = [j for j, k in enumerate(self.keys) if k != key]
+        if not keep:
+            self._reset()
+            return
+        self._select_rows(keep)
+        self.keys = [self.keys[j] for j in keep]
+        self.samplers = [self.samplers[j] for j in keep]
 
     @abstractmethod
+    def _reset(self) -> None:
+        """Empties the batch (no rows, no cache)."""
+
+    @abstractmethod
+    def _select_rows(self, keep: list[int]) -> None:
+        """Keeps only rows `keep` (indices, in order, at least one) of the cache and the per-row arrays."""
+
     def __len__(self) -> int:
         """How many rows the batch holds."""
+        return len(self.keys)
 
 
 def contract_methods() -> list[str]:

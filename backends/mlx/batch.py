@@ -78,9 +78,6 @@ class MLXDecodeBatch(DecodeBatch):
         self.keys: list[int] = []
         self.samplers: list[Sampler] = []
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     def add(self, embeds: mx.array, params: SamplingParams) -> tuple[int, int]:
         cache = make_prompt_cache(self.lm)
         sampler = Sampler(params)
@@ -112,17 +109,9 @@ class MLXDecodeBatch(DecodeBatch):
             mx.clear_cache()
         return out
 
-    def remove(self, key: int) -> None:
-        if key not in self.keys:
-            return
-        keep = [j for j, k in enumerate(self.keys) if k != key]
-        if not keep:
-            self._reset()
-            return
+    def _select_rows(self, keep: list[int]) -> None:
         idx = mx.array(keep)
         with mx.stream(generation_stream):
             for c in self.cache:
                 c.filter(idx)
             self.y = self.y[idx]
-        self.keys = [self.keys[j] for j in keep]
-        self.samplers = [self.samplers[j] for j in keep]

@@ -80,9 +80,6 @@ class TorchDecodeBatch(DecodeBatch):
         self.keys: list[int] = []
         self.samplers: list[Sampler] = []
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     @torch.inference_mode()
     def add(self, embeds: torch.Tensor, params: SamplingParams) -> tuple[int, int]:
         cache = self.model.new_cache()
@@ -119,18 +116,10 @@ class TorchDecodeBatch(DecodeBatch):
         return list(zip(self.keys, self.y.tolist()))
 
     @torch.inference_mode()
-    def remove(self, key: int) -> None:
-        if key not in self.keys:
-            return
-        keep = [j for j, k in enumerate(self.keys) if k != key]
-        if not keep:
-            self._reset()
-            return
+    def _select_rows(self, keep: list[int]) -> None:
         idx = torch.tensor(keep, device=self.dev)
         self.cache.batch_select_indices(idx)
         self.mask, self.pos, self.y = self.mask[idx], self.pos[idx], self.y[idx]
-        self.keys = [self.keys[j] for j in keep]
-        self.samplers = [self.samplers[j] for j in keep]
         shared = int(self.mask.any(dim=0).to(torch.int8).argmax())  # leading columns that are padding in every row
         if shared:
             self.mask = self.mask[:, shared:]
