@@ -32,15 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(stage1=6000, stage2=24000, heldout=240, steps1=100, steps2a=600, steps2o=0, steps2=2000, batch=16,
-            vocab=1400,
-            lr2=2e-3,
-            hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, moe_intermediate=96,
+FULL = dict(stage1=6000, stage2=24000, heldout=240, tie=True, steps1=200, steps2=3000, batch=16, vocab=1400, lr2=2e-3,
+            hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, moe_intermediate=128,
             vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8,
-            clip_steps=600, clip_batch=128, clip_lr=2e-3, attribute_weight=0.0)
-QUICK = dict(FULL, clip_steps=150, stage1=600, stage2=3000, heldout=24, steps1=20, steps2a=150, steps2o=0, steps2=300,
-             vocab=900, hidden=96,
-             layers=2, intermediate=256, moe_intermediate=64, vision_hidden=64, vision_layers=2, image_size=48)
+            tower_steps=5000, tower_batch=128, tower_lr=2e-3, tower_temperature=16.0, eval_every=500, eval_limit=40)
+QUICK = dict(FULL, stage1=600, stage2=3000, heldout=24, steps1=20, steps2=300, vocab=900, hidden=96, layers=2,
+             intermediate=256, moe_intermediate=64, vision_layers=2, tower_steps=300, eval_every=100, eval_limit=12)
 
 
 def log(msg: str) -> None:
@@ -92,7 +89,7 @@ def new_llm(directory: Path, n_tokens: int, s: dict, seed: int) -> None:
     cfg = Qwen2Config(vocab_size=(n_tokens + 63) // 64 * 64, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                       num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                       intermediate_size=s["intermediate"], max_position_embeddings=2048, rope_theta=10000.0,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+                      rms_norm_eps=1e-6, tie_word_embeddings=s["tie"], eos_token_id=None, bos_token_id=None)
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(directory, safe_serialization=True)
     raw = json.loads((directory / "config.json").read_text())
@@ -114,87 +111,116 @@ def new_tower(directory: Path, s: dict, seed: int) -> None:
     ImageSettings.clip_defaults(s["image_size"]).save(directory)
 
 
-ATTRIBUTE_SIZES = (8, 4, 4, 4)  # colours, shapes, positions, counts
+ATTRIBUTES = {"colour": 8, "shape": 4, "position": 4, "count": 4}  # what the tower learns to see, and how many values
 
 
-def caption_labels(text: str) -> list[int]:
-    """(colour, shape, position, count) indices of a stage-1 caption; -100 where the caption does not say (the
-    colour, shape and position of the shape are labelled on one-shape images only, as the questions ask them)."""
+def label_matrix(labels: dict, names: list[str]):
+    """[N, 4] class indices (colour, shape, position, count - 1) of the named images; -100 where an image has no
+    such attribute (colour, shape and position are asked of one-shape images only)."""
+    import numpy as np
+
     from parrot.demo import phrases as P
 
-    words = text.lower().rstrip(".").replace(",", " ").split()
-    if words[1] == "shapes:":
-        return [-100, -100, -100, ["one", "two", "three", "four"].index(words[0])]
-    colour, shape = words[1], words[2]
-    position = next(p for p in P.POSITIONS if p in words)
-    return [P.COLOURS.index(colour), P.SHAPES.index(shape), P.POSITIONS.index(position), 0]
+    values = {"colour": P.COLOURS, "shape": P.SHAPES, "position": P.POSITIONS, "count": P.COUNTS}
+    return np.array([[values[k].index(labels[n][k]) if labels[n][k] is not None else -100 for k in ATTRIBUTES]
+                     for n in names])
 
 
-def pretrain_tower(data: Path, tok_dir: Path, directory: Path, s: dict, seed: int) -> list[float]:
-    """Contrastive pre-training (CLIP's loss, transformers' CLIPModel) of the tower on the stage-1 image-caption
-    pairs, with a small text encoder over the demo's tokenizer; saves the vision half. Returns the loss curve."""
+def variance_shares(tokens, y) -> dict:
+    """For each attribute, the share of the visual tokens' variance (over images, all tokens) that its class means
+    explain: how loudly the features Parrot takes say it (a linear probe may read an attribute that is quiet)."""
+    x = tokens.reshape(len(tokens), -1).double()
+    x = x - x.mean(0)
+    total = float(x.pow(2).sum(1).mean())
+    out = {}
+    for k, name in enumerate(ATTRIBUTES):
+        ok = y[:, k] != -100
+        xs, ys = x[ok] - x[ok].mean(0), y[ok, k]
+        between = sum(float((ys == c).sum()) * float(xs[ys == c].mean(0).pow(2).sum()) for c in ys.unique())
+        out[name] = round(100 * between / len(xs) / total, 1)
+    return out
+
+
+def pretrain_tower(data: Path, directory: Path, s: dict, seed: int) -> list[float]:
+    """Supervised pre-training of the new CLIP tower (transformers' CLIPVisionModel) on the training images: four
+    heads on the features Parrot takes (hidden_states[-2]) learn colour, shape, position and count by cross-entropy
+    from every visual token, with the labels the data generator wrote (labels.json). The stand-in for
+    the web-scale pre-training of the released model's CLIP; the heads are dropped. Returns the loss curve."""
     import numpy as np
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     from parrot.model.image import ImageSettings, preprocess
-    from parrot.model.tokenizer import Tokenizer
 
     torch.manual_seed(seed)
-    tok = Tokenizer.from_dir(tok_dir)
-    eos, pad = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
-    pairs = [(x["image"], x["conversations"][1]["value"]) for x in json.loads((data / "stage1.json").read_text())]
+    labels = json.loads((data / "labels.json").read_text())
+    names = sorted(labels)
     settings = ImageSettings.clip_defaults(s["image_size"])
-    pixels = torch.from_numpy(np.concatenate([preprocess(data / "images" / im, settings) for im, _ in pairs]))
-    ids = [tok.encode(c)[:30] + [eos] for _, c in pairs]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-    mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
-    vision = CLIPVisionModel.from_pretrained(directory).config
-    text = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=width, eos_token_id=eos, pad_token_id=pad,
-                          projection_dim=64)
-    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64))
-    # supervised attribute heads on the features Parrot takes (hidden_states[-2], mean over the tokens): the labels
-    # are read from the synthetic captions themselves, so the tower learns to make colour, shape, position and
-    # count linearly decodable (contrastive learning alone left the shape at 43%, docs/demo.md)
-    labels = torch.tensor([caption_labels(c) for _, c in pairs])  # [N, 4]: colour, shape, position, count; -100
-    heads = torch.nn.ModuleList(torch.nn.Linear(vision.hidden_size, n) for n in ATTRIBUTE_SIZES
-                                if s["attribute_weight"])
-    params = [*clip.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=s["clip_lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["clip_lr"], total_steps=s["clip_steps"], pct_start=0.1)
+    t = time.time()
+    pixels = torch.from_numpy(np.concatenate([preprocess(data / "images" / n, settings) for n in names]))
+    y = torch.from_numpy(label_matrix(labels, names))
+    log(f"  {len(names)} images preprocessed in {time.time() - t:.0f} s")
+    tower = CLIPVisionModel.from_pretrained(directory)
+    # every token answers for the whole picture, so the LLM can read any visual token (with heads on the tokens'
+    # mean the colour stayed in the few tokens covering the shape, and the LLM never learnt to find it: docs/demo.md);
+    # cosine heads (unit-norm class vectors against the centred, unit-norm token, a fixed temperature) bound the
+    # logit margin, so every attribute must take a large share of each token
+    heads = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(n, tower.config.hidden_size) * 0.02)
+                                   for n in ATTRIBUTES.values())
+
+    def logits(feats: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, T, C] visual tokens -> [B, T, classes]: every token is asked about the whole picture."""
+        f = torch.nn.functional.normalize(feats - feats.mean((0, 1), keepdim=True), dim=-1)
+        return s["tower_temperature"] * f @ torch.nn.functional.normalize(heads[k], dim=-1).t()
+
+    def loss_of(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = feats.shape[1]
+        return sum(torch.nn.functional.cross_entropy(logits(feats, k).flatten(0, 1),
+                                                     labels[:, k].repeat_interleave(t), ignore_index=-100)
+                   for k in range(len(ATTRIBUTES)))
+
+    params = [*tower.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=s["tower_lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["tower_lr"], total_steps=s["tower_steps"],
+                                                pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
+    n_val = len(names) // 20  # the last 5% of the images check what the tower learnt (not trained on)
+    n_train = len(names) - n_val
+
+    def val_accuracy() -> dict:
+        with torch.no_grad():
+            feats = tower(pixel_values=pixels[n_train:], output_hidden_states=True).hidden_states[-2]
+        acc = {}  # over every visual token of every image
+        for k, name in enumerate(ATTRIBUTES):
+            ok = y[n_train:, k] != -100
+            right = logits(feats, k)[ok].argmax(-1) == y[n_train:, k][ok][:, None]
+            acc[name] = round(100 * float(right.float().mean()), 1)
+        return acc
+
     losses, t = [], time.time()
-    for step in range(s["clip_steps"]):
-        b = torch.randint(0, len(pairs), (s["clip_batch"],), generator=g)
-        out = clip(input_ids=input_ids[b], attention_mask=mask[b], pixel_values=pixels[b], return_loss=True,
-                   output_hidden_states=True)
-        loss = out.loss
-        if s["attribute_weight"]:
-            feats = out.vision_model_output.hidden_states[-2].mean(1)
-            # shape, position and count are learnt on recoloured copies (each image's channels permuted and some
-            # inverted): the held-out split pairs colours with shapes never seen together, so the shape features must
-            # not lean on the colour (without this a probe reads 8% of the held-out shapes, below chance)
-            perm = torch.argsort(torch.rand(len(b), 3, generator=g), dim=1)
-            sign = torch.where(torch.rand(len(b), 3, 1, 1, generator=g) < 0.5, -1.0, 1.0)
-            recoloured = torch.gather(pixels[b], 1, perm[:, :, None, None].expand_as(pixels[b])) * sign
-            feats_rc = clip.vision_model(pixel_values=recoloured, output_hidden_states=True).hidden_states[-2].mean(1)
-            for k, head in enumerate(heads):
-                loss = loss + s["attribute_weight"] * torch.nn.functional.cross_entropy(
-                    head(feats if k == 0 else feats_rc), labels[b, k], ignore_index=-100)
+    for step in range(s["tower_steps"]):
+        b = torch.randint(0, n_train, (s["tower_batch"],), generator=g)
+        loss = loss_of(tower(pixel_values=pixels[b], output_hidden_states=True).hidden_states[-2], y[b])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 250 == 0:
             rate = (step + 1) / (time.time() - t)
-            log(f"  contrastive step {step + 1}/{s['clip_steps']}: loss {np.mean(losses[-50:]):.3f} "
-                f"({rate:.1f} step/s, ETA {(s['clip_steps'] - step - 1) / rate:.0f} s)")
-    clip.vision_model.save_pretrained(directory, safe_serialization=True)  # a CLIPVisionModel
-    (directory.parent / "clip-pretrain-metrics.jsonl").write_text(
+            log(f"  tower step {step + 1}/{s['tower_steps']}: loss {np.mean(losses[-250:]):.3f} "
+                f"({rate:.1f} step/s, ETA {(s['tower_steps'] - step - 1) / rate:.0f} s)")
+        if (step + 1) % 1000 == 0 or step + 1 == s["tower_steps"]:
+            log(f"  tower accuracy on {n_val} images it does not train on (percent): {val_accuracy()}")
+    with torch.no_grad():
+        share = variance_shares(tower(pixel_values=pixels[n_train:], output_hidden_states=True).hidden_states[-2],
+                                y[n_train:])
+    log(f"  share of the visual tokens' variance each attribute explains (percent): {share}")
+    (directory.parent / "tower-accuracy.json").write_text(json.dumps({"accuracy": val_accuracy(),
+                                                                       "variance_share": share}))
+    tower.save_pretrained(directory, safe_serialization=True)
+    (directory.parent / "tower-pretrain-metrics.jsonl").write_text(
         "".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
     return losses
 
@@ -227,23 +253,6 @@ def scale_tower(directory: Path, data: Path, s: dict, target_rms: float = 0.2) -
     return alpha
 
 
-def open_questions(samples: list[dict]) -> list[dict]:
-    """The stage-2 samples with their multiple-choice turns removed (answered with one letter), for the curriculum."""
-    import re
-
-    kept = []
-    for x in samples:
-        turns = [(q["value"].replace("<image>\n", ""), a["value"])
-                 for q, a in zip(x["conversations"][::2], x["conversations"][1::2])
-                 if not re.fullmatch(r"[A-D]", a["value"].strip())]
-        if turns:
-            convs = []
-            for t, (q, a) in enumerate(turns):
-                convs += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
-            kept.append({**x, "conversations": convs})
-    return kept
-
-
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
     import matplotlib
 
@@ -251,10 +260,10 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in runs.items() if (v / "metrics.jsonl").is_file()
-            or (v / "clip-pretrain-metrics.jsonl").is_file()}
+            or (v / "tower-pretrain-metrics.jsonl").is_file()}
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for ax, (name, run) in zip(axes, runs.items()):
-        f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "clip-pretrain-metrics.jsonl"
+        f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "tower-pretrain-metrics.jsonl"
         rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
         ax.set_title(name)
@@ -273,19 +282,10 @@ def main() -> None:
     ap.add_argument("--no-moe", action="store_true", help="stage 2 without the MoE (the ablation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps2", type=int, help="stage 2 optimizer steps (default: the preset's)")
-    ap.add_argument("--attribute-heads", action="store_true",
-                    help="experiment: supervised colour/shape/position/count heads in the tower pre-training "
-                    "(labels from the captions; shape, position and count on recoloured images)")
-    ap.add_argument("--curriculum", action="store_true",
-                    help="experiment: stage 2 on the open questions (800 steps) before the full mixture (1,400)")
     ap.add_argument("--data", type=Path, help="reuse the data and tokenizer of this earlier run's OUTPUT folder")
     ap.add_argument("--backends", default="cpu,mlx", help="where to evaluate (mlx only when importable)")
     args = ap.parse_args()
     s = dict(QUICK if args.quick else FULL)
-    if args.attribute_heads:
-        s["attribute_weight"] = 1.0
-    if args.curriculum:
-        s["steps2o"], s["steps2"] = (100, 200) if args.quick else (800, 1400)
     if args.steps2:
         s["steps2"] = args.steps2
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster than 2 threads next to the data worker
@@ -313,44 +313,31 @@ def main() -> None:
         if args.data is not None and (base / "clip-init" / "model.safetensors").is_file():
             log(f"4. reusing the pre-trained tower of {base}")
             shutil.copytree(base / "clip-init", tower)
-            if (base / "clip-pretrain-metrics.jsonl").is_file():
-                shutil.copy(base / "clip-pretrain-metrics.jsonl", out / "clip-pretrain-metrics.jsonl")
+            if (base / "tower-pretrain-metrics.jsonl").is_file():
+                shutil.copy(base / "tower-pretrain-metrics.jsonl", out / "tower-pretrain-metrics.jsonl")
         else:
             new_tower(tower, s, args.seed + 1)
-            log("4. contrastive pre-training of the tower on the captions (transformers' CLIPModel)")
-            pretrain_tower(data, tok_dir, tower, s, args.seed)
+            log("4. supervised pre-training of the tower on the training images (transformers' CLIPVisionModel)")
+            pretrain_tower(data, tower, s, args.seed)
         log(f"  tower features rescaled by {scale_tower(tower, data, s):.4f} (exact reparametrization)")
     common = ["--backend", "cpu", "--seed", str(args.seed), "--num-workers", "1", "--no-grad-checkpoint",
               "--batch-size", str(s["batch"]), "--grad-accum", "1", "--save-every", "100000", "--warmup-ratio", "0.05"]
-    s1, s2a, s2 = out / "stage1", out / "stage2-captions", out / "stage2"
+    s1, s2 = out / "stage1", out / "stage2"
     no_moe = ["--no-moe"] if args.no_moe else []
     parrot("train", "--stage", "1", "--llm", llm, "--vision-tower", tower, "--data", data / "stage1.json",
            "--image-dir", data / "images", "--output", s1, "--lr", "1e-3", "--max-steps", s["steps1"],
            "--moe-intermediate-size", s["moe_intermediate"], *common)
-    # the LLM is new, so it first learns to describe the pictures (stage 2's trainer on the captions): without this
-    # grounding step the six-language instructions teach it to answer from the question alone (see docs/demo.md)
-    parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage1.json", "--image-dir", data / "images",
-           "--output", s2a, "--lr", s["lr2"], "--max-steps", s["steps2a"], *no_moe, *common)
-    # curriculum: the open questions first (short answers that name what is in the image), then the full mixture
-    # with the multiple-choice questions, whose letter answers give the LLM no word to tie to the picture
-    prev = s2a
-    if s["steps2o"]:
-        s2o = out / "stage2-open"
-        open_json = out / "stage2-open.json"
-        open_json.write_text(json.dumps(open_questions(json.loads((data / "stage2.json").read_text())),
-                                        ensure_ascii=False), encoding="utf-8")
-        parrot("train", "--stage", "2", "--model", s2a, "--data", open_json, "--image-dir", data / "images",
-               "--output", s2o, "--lr", s["lr2"], "--max-steps", s["steps2o"], *no_moe, *common)
-        prev = s2o
-    parrot("train", "--stage", "2", "--model", prev, "--data", data / "stage2.json", "--image-dir", data / "images",
-           "--output", s2, "--lr", s["lr2"], "--max-steps", s["steps2"], *no_moe, *common)
+    # the held-out accuracy is followed during stage 2 (`parrot eval`'s scorer, the first questions of each language)
+    watch = [x for tsv in sorted((data / "heldout").glob("demo_*.tsv")) for x in ("--eval-data", tsv)]
+    parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage2.json", "--image-dir", data / "images",
+           "--output", s2, "--lr", s["lr2"], "--max-steps", s["steps2"], *no_moe, *common, *watch,
+           "--eval-every", s["eval_every"], "--eval-limit", s["eval_limit"])
     final = out / "model"
     parrot("convert", s2, final, "--to", "hf", "--dtype", "float16")
     cfg = json.loads((final / "config.json").read_text())  # the tower is inside (weights + vision_config): name it
     cfg["mm_vision_tower"] = "demo-clip-vit-48"  # instead of this machine's absolute path
     (final / "config.json").write_text(json.dumps(cfg, indent=2))
-    plot_losses({"tower (contrastive)": out, "stage 1 (captions)": s1, "stage 2 on the captions": s2a,
-                 "stage 2 (open questions)": out / "stage2-open", "stage 2 (instructions)": s2},
+    plot_losses({"tower (supervised)": out, "stage 1 (captions)": s1, "stage 2 (instructions)": s2},
                 out / "loss.png")
     tsvs = sorted((data / "heldout").glob("demo_*.tsv"))
     results = {}

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from parrot.demo import phrases as P
-from parrot.demo.data import HELDOUT_PAIRS, build
+from parrot.demo.data import HELDOUT_COMBOS, build
 from parrot.eval.data import read_dataset
 from parrot.eval.prompt import INSTRUCTIONS, build_prompt
 from parrot.eval.sources import resolve_sources
@@ -37,11 +37,22 @@ def test_same_seed_same_bytes_other_seed_other_bytes(demo_data, tmp_path):
     assert _digest(tmp_path / "other") != _digest(demo_data)
 
 
-def test_heldout_pairs_and_paraphrases_never_occur_in_training(demo_data):
+def test_heldout_combinations_and_paraphrases_never_occur_in_training(demo_data):
     captions = [s["conversations"][1]["value"] for s in json.loads((demo_data / "stage1.json").read_text())]
-    for c, s in HELDOUT_PAIRS:
-        assert not any(f"{c} {s}" in x for x in captions), (c, s)
-    assert any("red circle" in x or "red square" in x or "red triangle" in x for x in captions)
+    where = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+    for c, s, p in HELDOUT_COMBOS:  # read from the captions, independently of labels.json
+        assert not any(x.lower().startswith((f"a {c} {s} {where[p]}", f"an {c} {s} {where[p]}")) for x in captions)
+    labels = json.loads((demo_data / "labels.json").read_text())
+    assert len(labels) == 60 + 240
+    singles = [(v["colour"], v["shape"], v["position"]) for v in labels.values() if v["count"] == 1]
+    assert len(singles) > 100 and not set(singles) & HELDOUT_COMBOS
+    # every colour and every shape is trained at some position; the held-out images hold only held-out combinations
+    assert {c for c, _, _ in singles} == set(P.COLOURS) and {s for _, s, _ in singles} == set(P.SHAPES)
+    heldout = json.loads((demo_data / "heldout" / "heldout.json").read_text())
+    for x in heldout:
+        if x["category"] in ("colour", "shape", "position"):
+            answer = x["conversations"][1]["value"]
+            assert any(P.answer(x["lang"], x["category"], c, s, 1, p) == answer for c, s, p in HELDOUT_COMBOS)
     stage2 = json.loads((demo_data / "stage2.json").read_text())
     humans = [t["value"].removeprefix("<image>\n") for s in stage2 for t in s["conversations"] if t["from"] == "human"]
     assert len({s["conversations"][0]["value"] for s in stage2}) > 50

@@ -1,6 +1,6 @@
 """The demo Parrot shipped in the package: `--model demo` resolves offline, both backends load it and compute
-the same logits, and it answers held-out questions (new paraphrases, colour/shape pairs absent from training)
-about the bundled images correctly in the six languages."""
+the same logits, and it answers held-out questions (paraphrases absent from training) about the bundled images
+(colour/shape/position combinations absent from training) correctly in the six languages."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from parrot.storage.hub import demo_model_dir, resolve_model_path
 
 # (image, language, question type, words the answer must contain)
 CASES = [
-    ("red_star_left", "ru", "colour", "красного"),
-    ("red_star_left", "en", "shape", "star"),
-    ("blue_circle_top", "zh", "shape", "圆形"),
-    ("blue_circle_top", "ar", "position", "الأعلى"),
-    ("yellow_square_right", "pt", "position", "à direita"),
-    ("yellow_square_right", "tr", "colour", "Sarı"),
-    ("green_triangle_bottom", "ar", "colour", "أخضر"),
-    ("green_triangle_bottom", "ru", "position", "снизу"),
+    ("red_circle_left", "ru", "colour", "красного"),
+    ("red_circle_left", "en", "shape", "circle"),
+    ("blue_triangle_bottom", "zh", "shape", "三角形"),
+    ("blue_triangle_bottom", "ar", "position", "الأسفل"),
+    ("orange_square_top", "pt", "position", "em cima"),
+    ("orange_square_top", "tr", "colour", "turuncu"),
+    ("black_star_right", "ar", "colour", "سوداء"),
+    ("black_star_right", "ru", "position", "справа"),
     ("three_shapes", "tr", "count", "üç"),
     ("two_shapes", "en", "count", "two"),
     ("two_shapes", "zh", "count", "两"),
@@ -48,7 +48,7 @@ def test_demo_resolves_to_the_bundled_model_unless_a_local_directory_is_called_s
 @requires_torch
 @requires_mlx
 def test_demo_logits_match_across_backends():
-    image = IMAGE_DIR / "red_star_left.png"
+    image = IMAGE_DIR / "red_circle_left.png"
     question = P.QUESTIONS["ar"]["colour"][-1]
     out = []
     for backend in ("cpu", "mlx"):
@@ -83,10 +83,10 @@ def test_parrot_demo_shows_every_bundled_image_and_six_languages():
 def test_parrot_demo_asks_about_ones_own_image_and_refuses_a_missing_one(tmp_path):
     from PIL import Image
 
-    Image.open(IMAGE_DIR / "yellow_square_right.png").save(tmp_path / "mine.jpg")
+    Image.open(IMAGE_DIR / "orange_square_top.png").save(tmp_path / "mine.jpg")
     proc = run_parrot_here("demo", "--backend", "cpu", "--image", str(tmp_path / "mine.jpg"))
     assert proc.returncode == 0, proc.stderr
-    assert "mine.jpg" in proc.stdout and "red_star_left.png" not in proc.stdout
+    assert "mine.jpg" in proc.stdout and "red_circle_left.png" not in proc.stdout
     bad = run_parrot_here("demo", "--backend", "cpu", "--image", str(tmp_path / "nope.png"))
     assert bad.returncode != 0 and "nope.png" in bad.stdout + bad.stderr
 

@@ -1,15 +1,14 @@
-"""Pieces of the demo recipe (scripts/make_demo.py) that need no training: the attribute labels read back from the
-stage-1 captions, and the open-question subset of stage 2 used by --curriculum."""
+"""Pieces of the demo recipe (scripts/make_demo.py) that need no training: the attribute labels its tower
+pre-training learns, as read from the generator's labels.json, agree with what the stage-1 captions say."""
 
 from __future__ import annotations
 
 import importlib.util
-import random
-import re
+import json
 from pathlib import Path
 
 from parrot.demo import phrases as P
-from parrot.demo.data import caption, random_scene
+from parrot.demo.data import build
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_demo", ROOT / "scripts" / "make_demo.py")
@@ -17,37 +16,25 @@ make_demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_demo)
 
 
-def test_caption_labels_give_back_the_scene_that_was_drawn():
-    rng = random.Random(5)
-    for i in range(200):
-        scene = random_scene(rng, 1 + i % 4)
-        colour, shape, position, count = make_demo.caption_labels(caption(scene))
-        assert count == len(scene.shapes) - 1
-        if len(scene.shapes) == 1:
-            assert (P.COLOURS[colour], P.SHAPES[shape], P.POSITIONS[position]) == (
-                scene.main.colour, scene.main.shape, scene.position)
+def test_tower_labels_agree_with_the_captions(tmp_path):
+    build(tmp_path, n_stage1=120, n_stage2=12, n_heldout=4, seed=5)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    stage1 = json.loads((tmp_path / "stage1.json").read_text())
+    names = [s["image"] for s in stage1]
+    y = make_demo.label_matrix(labels, names)
+    assert y.shape == (120, 4)
+    where = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+    singles = 0
+    for row, s in zip(y, stage1):
+        text = s["conversations"][1]["value"].lower()
+        count = int(row[3]) + 1
+        if count == 1:
+            singles += 1
+            colour, shape, position = P.COLOURS[row[0]], P.SHAPES[row[1]], P.POSITIONS[row[2]]
+            assert text.startswith(f"a {colour} {shape} ") or text.startswith(f"an {colour} {shape} "), text
+            assert where[position] in text
         else:
-            assert (colour, shape, position) == (-100, -100, -100)
-
-
-def test_open_questions_drop_the_multiple_choice_turns_and_keep_the_image_on_the_first():
-    samples = [
-        {"id": "a", "image": "a.png", "conversations": [
-            {"from": "human", "value": "<image>\nQuestion: colour?\nA. red\nB. blue\nAnswer with the letter."},
-            {"from": "gpt", "value": "B"},
-            {"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": "It is a star."}]},
-        {"id": "b", "image": "b.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhich?\nA. one\nB. two"}, {"from": "gpt", "value": "A"}]},
-        {"id": "c", "image": "c.png", "conversations": [
-            {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "There are two shapes."},
-            {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "At the top."}]},
-    ]
-    kept = make_demo.open_questions(samples)
-    assert [x["id"] for x in kept] == ["a", "c"]
-    assert kept[0]["conversations"] == [{"from": "human", "value": "<image>\nWhat shape is it?"},
-                                        {"from": "gpt", "value": "It is a star."}]
-    assert kept[1]["conversations"] == samples[2]["conversations"]
-    for x in kept:
-        texts = [t["value"] for t in x["conversations"]]
-        assert sum(t.count("<image>") for t in texts) == 1 and texts[0].startswith("<image>\n")
-        assert not any(re.fullmatch("[A-D]", t) for t in texts[1::2])
+            assert list(row[:3]) == [-100, -100, -100]
+            assert text.startswith(["two", "three", "four"][count - 2] + " shapes:")
+            assert text.count(",") + 2 == count
+    assert 30 < singles < 110

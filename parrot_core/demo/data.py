@@ -9,9 +9,13 @@ Outputs (`build(out_dir, ...)`):
 - `stage1.json`: English captions (LLaVA-558k style, one "describe" turn);
 - `stage2.json`: instructions in en, zh, pt, ar, tr, ru, 1-3 turns per image, open questions with short
   answers and multiple-choice questions in exactly the prompt `parrot eval` builds (answer: the letter);
-- `heldout/demo_{en,cn,pt,ar,tr,ru}.tsv`: VLMEvalKit MCQ TSVs (base64 images) of new images whose
-  (colour, shape) pairs and question paraphrases never occur in training; `heldout/heldout.json` the
-  same questions open-ended in LLaVA JSON (for chat checks and `parrot inspect routing`);
+- `heldout/demo_{en,cn,pt,ar,tr,ru}.tsv`: VLMEvalKit MCQ TSVs (base64 images) of new images, asked with
+  paraphrases that never occur in training; their one-shape images hold (colour, shape, position)
+  combinations that no training image holds (every colour/shape pair and every position is trained,
+  only these combinations are new); `heldout/heldout.json` the same questions open-ended in LLaVA JSON
+  (for chat checks and `parrot inspect routing`);
+- `labels.json`: image name -> {colour, shape, position, count} of the training images (what the recipe's
+  tower pre-training learns to see);
 - `images/`: the images the JSON files name.
 """
 
@@ -30,9 +34,10 @@ from PIL import Image, ImageDraw
 from ..eval.prompt import OPTION_LETTERS, build_prompt
 from . import phrases as P
 
-# (colour, shape) pairs that no training image holds; each colour once, each shape twice
-HELDOUT_PAIRS = frozenset({("red", "star"), ("green", "triangle"), ("blue", "circle"), ("yellow", "square"),
-                           ("orange", "triangle"), ("purple", "circle"), ("black", "star"), ("white", "square")})
+# (colour, shape, position) combinations of one-shape images that no training image holds: each colour twice,
+# each shape and each position four times; every (colour, shape) pair still occurs in training at other positions
+HELDOUT_COMBOS = frozenset((P.COLOURS[i % 8], P.SHAPES[(i + i // 8) % 4], P.POSITIONS[(i // 2 + i) % 4])
+                           for i in range(16))
 CAPTION_PROMPTS = ["Describe the image briefly.", "What is in the image?", "Give a short caption of the picture.",
                    "Summarize the picture in a sentence.", "Write a brief description of the image."]
 NAMES = ["one", "two", "three", "four"]
@@ -62,46 +67,50 @@ class Scene:
 
 def _far_background(rng: random.Random, colours: list[str]) -> tuple[int, int, int]:
     for _ in range(1000):
-        level = rng.randint(60, 200)
-        bg = tuple(max(0, min(255, level + rng.randint(-40, 40))) for _ in range(3))
+        level = rng.randint(0, 255)
+        bg = tuple(max(0, min(255, level + rng.randint(-50, 50))) for _ in range(3))
         if all(math.dist(bg, P.RGB[c]) > 110 for c in colours):
             return bg
     return (128, 128, 128)
 
 
-def _pair(rng: random.Random, heldout: bool) -> tuple[str, str]:
+def _one(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
+    """(colour, shape, position) of a one-shape image: a held-out combination or one that is not."""
+    if heldout:
+        return rng.choice(sorted(HELDOUT_COMBOS))
     while True:
-        c, s = rng.choice(P.COLOURS), rng.choice(P.SHAPES)
-        if ((c, s) in HELDOUT_PAIRS) == heldout:
-            return c, s
+        combo = rng.choice(P.COLOURS), rng.choice(P.SHAPES), rng.choice(P.POSITIONS)
+        if combo not in HELDOUT_COMBOS:
+            return combo
 
 
 def random_scene(rng: random.Random, count: int, heldout: bool = False) -> Scene:
     aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
-    area = rng.uniform(56, 160) ** 2
+    area = math.exp(rng.uniform(math.log(48), math.log(256))) ** 2
     w, h = max(32, round(math.sqrt(area * aspect))), max(32, round(math.sqrt(area / aspect)))
     side = min(w, h)
     if count == 1:
-        c, s = _pair(rng, heldout)
-        position = rng.choice(P.POSITIONS)
-        r = rng.uniform(0.2, 0.28) * side
-        along = rng.uniform(0.38, 0.62)  # the coordinate that does not decide the position
-        off = rng.uniform(0.03, 0.08)  # distance of the shape's edge from the image edge, as a fraction
+        c, s, position = _one(rng, heldout)
+        r = rng.uniform(0.15, 0.28) * side
+        along = rng.uniform(0.35, 0.65)  # the coordinate that does not decide the position
+        off = rng.uniform(0.03, 0.12)  # distance of the shape's edge from the image edge, as a fraction
         if position in ("left", "right"):
-            cx = r + off * w if position == "left" else w - r - off * w
+            near = min(r + off * w, 0.36 * w)  # the centre stays in the outer 36%: clearly on that side
+            cx = near if position == "left" else w - near
             cy = along * h
         else:
-            cy = r + off * h if position == "top" else h - r - off * h
+            near = min(r + off * h, 0.36 * h)
+            cy = near if position == "top" else h - near
             cx = along * w
         shapes = [Shape(c, s, cx, cy, r)]
     else:
         position = None
         shapes = []
         while len(shapes) < count:
-            r = rng.uniform(0.12, 0.17) * side
+            r = rng.uniform(0.1, 0.17) * side
             cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
             if all(math.dist((cx, cy), (o.cx, o.cy)) > r + o.r + 3 for o in shapes):
-                c, s = _pair(rng, heldout) if heldout else _pair(rng, False)
+                c, s = rng.choice(P.COLOURS), rng.choice(P.SHAPES)
                 shapes.append(Shape(c, s, cx, cy, r))
     bg = _far_background(rng, [x.colour for x in shapes])
     return Scene(w, h, bg, shapes, position)
@@ -117,7 +126,7 @@ def _star(cx: float, cy: float, r: float, angle: float) -> list[tuple[float, flo
 
 
 def render(scene: Scene, rng: random.Random) -> Image.Image:
-    scale = 4  # draw large, then downsample: smooth edges
+    scale = max(2, round(512 / max(scene.width, scene.height)))  # draw large, then downsample: smooth edges
     img = Image.new("RGB", (scene.width * scale, scene.height * scale), scene.background)
     d = ImageDraw.Draw(img)
     for sh in scene.shapes:
@@ -196,8 +205,15 @@ def _scene_count(rng: random.Random) -> int:
     return 1 if rng.random() < 0.6 else rng.choice([2, 3, 4])
 
 
+def scene_labels(scene: Scene) -> dict:
+    """What a question can ask about an image: colour, shape and position of a one-shape image (else None), count."""
+    one = len(scene.shapes) == 1
+    return {"colour": scene.main.colour if one else None, "shape": scene.main.shape if one else None,
+            "position": scene.position, "count": len(scene.shapes)}
+
+
 def build(out: str | Path, n_stage1: int = 2000, n_stage2: int = 8000, n_heldout: int = 240, seed: int = 0,
-          mcq_fraction: float = 0.5) -> dict:
+          max_turns: int = 6) -> dict:
     """Writes the demo data into `out` (see the module doc); returns counts. Deterministic for a seed."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -211,9 +227,11 @@ def build(out: str | Path, n_stage1: int = 2000, n_stage2: int = 8000, n_heldout
         (out / "images" / name).write_bytes(data)
         return scene, name, data
 
+    labels: dict[str, dict] = {}
     stage1 = []
     for i in range(n_stage1):
         scene, name, _ = new_image("s1", i, _scene_count(rng))
+        labels[name] = scene_labels(scene)
         stage1.append({"id": f"s1_{i}", "image": name, "conversations": [
             {"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
             {"from": "gpt", "value": caption(scene)}]})
@@ -221,14 +239,19 @@ def build(out: str | Path, n_stage1: int = 2000, n_stage2: int = 8000, n_heldout
     stage2 = []
     for i in range(n_stage2):
         scene, name, _ = new_image("s2", i, _scene_count(rng))
+        labels[name] = scene_labels(scene)
         lang = P.LANGS[i % len(P.LANGS)]
-        types = qtypes_of(scene)
-        turns = rng.sample(types, rng.randint(1, min(3, len(types))))
+        # several questions about each image (as LLaVA's instruction data): each question type at most once open
+        # and once as a multiple choice, in random order
+        forms = [(qtype, mcq) for qtype in qtypes_of(scene) for mcq in (False, True)]
+        forms = rng.sample(forms, rng.randint(min(2, len(forms)), min(max_turns, len(forms))))
         convs = []
-        for t, qtype in enumerate(turns):
-            q, a = _turn(rng, scene, lang, qtype, False, rng.random() < mcq_fraction)
+        for t, (qtype, mcq) in enumerate(forms):
+            q, a = _turn(rng, scene, lang, qtype, False, mcq)
             convs += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
         stage2.append({"id": f"s2_{i}", "image": name, "conversations": convs})
+
+    random.Random(seed + 1).shuffle(stage2)
 
     tables: dict[str, list[dict]] = {lang: [] for lang in P.LANGS}
     heldout_json = []
@@ -249,7 +272,8 @@ def build(out: str | Path, n_stage1: int = 2000, n_stage2: int = 8000, n_heldout
     for lang, rows in tables.items():
         cols = ["index", "question", "A", "B", "C", "D", "answer", "category", "image"]
         pd.DataFrame(rows, columns=cols).to_csv(out / "heldout" / f"{eval_name(lang)}.tsv", sep="\t", index=False)
-    for fname, obj in (("stage1.json", stage1), ("stage2.json", stage2), ("heldout/heldout.json", heldout_json)):
+    for fname, obj in (("stage1.json", stage1), ("stage2.json", stage2), ("heldout/heldout.json", heldout_json),
+                       ("labels.json", labels)):
         (out / fname).write_text(json.dumps(obj, ensure_ascii=False, indent=0), encoding="utf-8")
     return {"stage1": len(stage1), "stage2": len(stage2), "heldout_per_language": n_heldout}
 

@@ -1,8 +1,8 @@
 """What `parrot demo` asks: the bundled images and, for each, questions in the six languages.
 
 The bundled images (`parrot_core/demo/images/`) were drawn by `write_bundled_images` from scenes the
-model never saw in training: their (colour, shape) pairs are the held-out ones. The file name says
-what is in the picture, so the answers can be checked by eye.
+model never saw in training: the one-shape scenes hold held-out (colour, shape, position) combinations.
+The file name says what is in the picture, so the answers can be checked by eye.
 """
 
 from __future__ import annotations
@@ -33,18 +33,18 @@ def questions_for(image_name: str | None) -> list[tuple[str, str]]:
 
 
 def write_bundled_images(directory: str | Path, seed: int = 7) -> list[Path]:
-    """The demo's images: four one-shape scenes (held-out colour/shape pairs) and two counting scenes."""
+    """The demo's images: four one-shape scenes (held-out colour/shape/position combinations) and two counting
+    scenes."""
     from .data import Scene, Shape, render  # (the data generator needs the eval extras: pandas)
 
     rng = random.Random(seed)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     scenes = [
-        ("red_star_left", Scene(120, 90, (150, 160, 175), [Shape("red", "star", 26, 45, 17)], "left")),
-        ("blue_circle_top", Scene(80, 110, (200, 190, 150), [Shape("blue", "circle", 40, 24, 14)], "top")),
-        ("yellow_square_right", Scene(100, 100, (70, 80, 90), [Shape("yellow", "square", 76, 52, 16)], "right")),
-        ("green_triangle_bottom", Scene(140, 100, (180, 150, 170), [Shape("green", "triangle", 66, 78, 17)],
-                                        "bottom")),
+        ("red_circle_left", Scene(120, 90, (150, 160, 175), [Shape("red", "circle", 28, 46, 21)], "left")),
+        ("blue_triangle_bottom", Scene(80, 110, (200, 190, 150), [Shape("blue", "triangle", 40, 85, 19)], "bottom")),
+        ("orange_square_top", Scene(100, 100, (70, 80, 90), [Shape("orange", "square", 52, 29, 23)], "top")),
+        ("black_star_right", Scene(140, 100, (180, 150, 170), [Shape("black", "star", 109, 50, 24)], "right")),
         ("three_shapes", Scene(128, 96, (120, 130, 120), [Shape("white", "square", 28, 30, 12),
                                                           Shape("orange", "triangle", 90, 28, 13),
                                                           Shape("purple", "circle", 60, 70, 13)], None)),
