@@ -63,11 +63,14 @@ def test_demo_logits_match_across_backends():
 
 @pytest.mark.xfail(strict=True, reason="the shipped demo weights do not see well enough yet: held-out accuracy is "
                    "at chance (docs/demo.md, 'Results'); remove this mark when a better model is shipped")
-@pytest.mark.parametrize(("image", "lang", "qtype", "expected"), CASES)
-def test_demo_answers_heldout_questions(demo, image, lang, qtype, expected):
-    question = P.QUESTIONS[lang][qtype][-1]  # the held-out paraphrase
-    answer = demo.generate(question, IMAGE_DIR / f"{image}.png", max_tokens=24).text
-    assert expected.lower() in answer.lower(), (question, answer)
+def test_demo_answers_heldout_questions(demo):
+    wrong = []  # one test over every case: a model at chance gets a few right by luck
+    for image, lang, qtype, expected in CASES:
+        question = P.QUESTIONS[lang][qtype][-1]  # the held-out paraphrase
+        answer = demo.generate(question, IMAGE_DIR / f"{image}.png", max_tokens=24).text
+        if expected.lower() not in answer.lower():
+            wrong.append((image, question, answer))
+    assert not wrong, wrong
 
 
 def test_parrot_demo_shows_every_bundled_image_and_six_languages():
