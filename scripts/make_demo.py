@@ -1,6 +1,6 @@
 """The recipe of the demo Parrot, from nothing, with the project's public commands.
 
-    python scripts/make_demo.py --output runs/demo            # full recipe (~15 min on 2 idle cores)
+    python scripts/make_demo.py --output runs/demo            # full recipe (34-43 min on 2 shared cores)
     python scripts/make_demo.py --output runs/quick --quick   # reduced sizes (the end-to-end test)
     python scripts/make_demo.py --output runs/nomoe --no-moe  # the ablation: stage 2 without the MoE
 
@@ -9,12 +9,12 @@ Steps (each prints its wall time; all seeded):
 2. tokenizer: byte-level BPE trained with `tokenizers` on the training texts, ChatML special tokens;
 3. a new tiny Qwen2 LLM (transformers' Qwen2ForCausalLM at its default init) and a new tiny CLIP vision
    tower: nothing is downloaded;
-4. the tower pre-trained contrastively (CLIP's loss, transformers' CLIPModel with a small text encoder) on the
-   stage-1 image-caption pairs;
+4. the tower pre-trained with supervision (cosine heads on every token of hidden_states[-2]) on the colour, shape,
+   position and count of the training images (labels.json), then its residual stream rescaled;
 5. `parrot train --stage 1 --llm --vision-tower` on the captions (the projector; tower and LLM frozen);
 6. `parrot train --stage 2 --model <stage 1>` on the instructions (projector, MoE and LLM; tower frozen, as in
    the paper), or `--no-moe` for the ablation;
-7. `parrot convert` to the final float16 official layout (the shipped model), `parrot eval` on the held-out
+7. `parrot convert` to the final float16 official layout, `parrot eval` on the held-out
    TSVs on cpu (and mlx when installed), loss curves (matplotlib) into OUTPUT/loss.png.
 """
 
@@ -187,9 +187,11 @@ def pretrain_tower(data: Path, directory: Path, s: dict, seed: int) -> list[floa
     n_val = len(names) // 20  # the last 5% of the images check what the tower learnt (not trained on)
     n_train = len(names) - n_val
 
-    def val_accuracy() -> dict:
+    def val_features() -> torch.Tensor:
         with torch.no_grad():
-            feats = tower(pixel_values=pixels[n_train:], output_hidden_states=True).hidden_states[-2]
+            return tower(pixel_values=pixels[n_train:], output_hidden_states=True).hidden_states[-2]
+
+    def val_accuracy(feats: torch.Tensor) -> dict:
         acc = {}  # over every visual token of every image
         for k, name in enumerate(ATTRIBUTES):
             ok = y[n_train:, k] != -100
@@ -211,14 +213,13 @@ def pretrain_tower(data: Path, directory: Path, s: dict, seed: int) -> list[floa
             rate = (step + 1) / (time.time() - t)
             log(f"  tower step {step + 1}/{s['tower_steps']}: loss {np.mean(losses[-250:]):.3f} "
                 f"({rate:.1f} step/s, ETA {(s['tower_steps'] - step - 1) / rate:.0f} s)")
-        if (step + 1) % 1000 == 0 or step + 1 == s["tower_steps"]:
-            log(f"  tower accuracy on {n_val} images it does not train on (percent): {val_accuracy()}")
-    with torch.no_grad():
-        share = variance_shares(tower(pixel_values=pixels[n_train:], output_hidden_states=True).hidden_states[-2],
-                                y[n_train:])
+        if (step + 1) % 1000 == 0 and step + 1 < s["tower_steps"]:
+            log(f"  tower accuracy on {n_val} images it does not train on (percent): {val_accuracy(val_features())}")
+    feats = val_features()  # the trained tower's, once: accuracy and variance shares
+    acc, share = val_accuracy(feats), variance_shares(feats, y[n_train:])
+    log(f"  tower accuracy on {n_val} images it does not train on (percent): {acc}")
     log(f"  share of the visual tokens' variance each attribute explains (percent): {share}")
-    (directory.parent / "tower-accuracy.json").write_text(json.dumps({"accuracy": val_accuracy(),
-                                                                       "variance_share": share}))
+    (directory.parent / "tower-accuracy.json").write_text(json.dumps({"accuracy": acc, "variance_share": share}))
     tower.save_pretrained(directory, safe_serialization=True)
     (directory.parent / "tower-pretrain-metrics.jsonl").write_text(
         "".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))

@@ -7,7 +7,7 @@ left, right, top or bottom; images with several shapes are asked how many there 
 
 Outputs (`build(out_dir, ...)`):
 - `stage1.json`: English captions (LLaVA-558k style, one "describe" turn);
-- `stage2.json`: instructions in en, zh, pt, ar, tr, ru, 1-3 turns per image, open questions with short
+- `stage2.json`: instructions in en, zh, pt, ar, tr, ru, 2-6 turns per image, open questions with short
   answers and multiple-choice questions in exactly the prompt `parrot eval` builds (answer: the letter);
 - `heldout/demo_{en,cn,pt,ar,tr,ru}.tsv`: VLMEvalKit MCQ TSVs (base64 images) of new images, asked with
   paraphrases that never occur in training; their one-shape images hold (colour, shape, position)
