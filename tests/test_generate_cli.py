@@ -174,7 +174,10 @@ def test_benchmark_generates_exactly_the_asked_tokens_and_redoes_vision(backend,
 
 @requires_mlx
 def test_ctrl_c_keeps_the_answers_and_says_how_to_resume(tiny_ckpt, tmp_path):
-    inp, _ = write_requests(tmp_path, 120)
+    # far more work than can finish between the third answer and the signal (120 requests once took 2.6 s in all,
+    # so the job was done before SIGINT arrived); interrupted early, the job costs no more than before
+    n = 3000
+    inp, _ = write_requests(tmp_path, n)
     out = tmp_path / "answers.jsonl"
     args = [sys.executable, "-m", "parrot.cli.main", "generate", "--backend", "mlx", "--model", str(tiny_ckpt),
             "-i", str(inp), "-o", str(out), "--quiet"]
@@ -189,7 +192,7 @@ def test_ctrl_c_keeps_the_answers_and_says_how_to_resume(tiny_ckpt, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "run the same command again to continue" in err
     lines = out.read_text().splitlines()
-    assert 3 <= len(lines) < 120 and out.read_text().endswith("\n")
+    assert 3 <= len(lines) < n and out.read_text().endswith("\n")
     assert [json.loads(line)["id"] for line in lines] == [f"r{i}" for i in range(len(lines))]
 
 
