@@ -111,6 +111,16 @@ def new_tower(directory: Path, s: dict, seed: int) -> None:
     ImageSettings.clip_defaults(s["image_size"]).save(directory)
 
 
+# stage 2's curriculum: each phase adds a question type; the last is the whole mixture (count, multiple choice...)
+PHASES = [("colour",), ("colour", "shape"), ("colour", "shape", "position"), ("colour", "shape", "position", "count")]
+
+
+def phase_steps(total: int) -> list[int]:
+    """The stage-2 steps of each phase: 2/15, 2/15, 4/15 and the rest (400, 400, 800, 1400 of 3000)."""
+    first = [total * 2 // 15, total * 2 // 15, total * 4 // 15]
+    return [*first, total - sum(first)]
+
+
 ATTRIBUTES = {"colour": 8, "shape": 4, "position": 4, "count": 4}  # what the tower learns to see, and how many values
 
 
@@ -260,13 +270,15 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {k: v for k, v in runs.items() if (v / "metrics.jsonl").is_file()
-            or (v / "tower-pretrain-metrics.jsonl").is_file()}
+    runs = {k: v if isinstance(v, list) else [v] for k, v in runs.items()}
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
-    for ax, (name, run) in zip(axes, runs.items()):
-        f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "tower-pretrain-metrics.jsonl"
-        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    for ax, (name, parts) in zip(axes, runs.items()):
+        offset = 0
+        for run in parts:  # phases one after the other
+            f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "tower-pretrain-metrics.jsonl"
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip() and "loss" in x]
+            ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+            offset += rows[-1]["step"] if rows else 0
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -330,15 +342,30 @@ def main() -> None:
            "--moe-intermediate-size", s["moe_intermediate"], *common)
     # the held-out accuracy is followed during stage 2 (`parrot eval`'s scorer, the first questions of each language)
     watch = [x for tsv in sorted((data / "heldout").glob("demo_*.tsv")) for x in ("--eval-data", tsv)]
-    parrot("train", "--stage", "2", "--model", s1, "--data", data / "stage2.json", "--image-dir", data / "images",
-           "--output", s2, "--lr", s["lr2"], "--max-steps", s["steps2"], *no_moe, *common, *watch,
-           "--eval-every", s["eval_every"], "--eval-limit", s["eval_limit"])
+    # stage 2 as a curriculum over question types (the earlier types stay in every later phase, all six languages
+    # throughout): trained on the full mixture at once, the LLM learnt count and hardly anything else (docs/demo.md)
+    from parrot.demo.data import restrict
+
+    samples = json.loads((data / "stage2.json").read_text(encoding="utf-8"))
+    previous, phases = s1, []
+    for k, (qtypes, steps) in enumerate(zip(PHASES, phase_steps(s["steps2"]))):
+        last = k == len(PHASES) - 1
+        target = s2 if last else out / f"stage2-{'-'.join(qtypes)}"
+        part = data / "stage2.json" if last else out / f"stage2-{'-'.join(qtypes)}.json"
+        if not last:
+            part.write_text(json.dumps(restrict(samples, qtypes), ensure_ascii=False), encoding="utf-8")
+        log(f"stage 2, phase {k + 1}/{len(PHASES)}: {', '.join(qtypes)} ({steps} steps)")
+        parrot("train", "--stage", "2", "--model", previous, "--data", part, "--image-dir", data / "images",
+               "--output", target, "--lr", s["lr2"], "--max-steps", steps, *no_moe, *common, *watch,
+               "--eval-every", s["eval_every"] if last else steps, "--eval-limit", s["eval_limit"])
+        previous = target
+        phases.append(target)
     final = out / "model"
     parrot("convert", s2, final, "--to", "hf", "--dtype", "float16")
     cfg = json.loads((final / "config.json").read_text())  # the tower is inside (weights + vision_config): name it
     cfg["mm_vision_tower"] = "demo-clip-vit-48"  # instead of this machine's absolute path
     (final / "config.json").write_text(json.dumps(cfg, indent=2))
-    plot_losses({"tower (supervised)": out, "stage 1 (captions)": s1, "stage 2 (instructions)": s2},
+    plot_losses({"tower (supervised)": out, "stage 1 (captions)": s1, "stage 2 (curriculum)": phases},
                 out / "loss.png")
     tsvs = sorted((data / "heldout").glob("demo_*.tsv"))
     results = {}
@@ -355,6 +382,7 @@ def main() -> None:
                "--batch-size", "16", "--max-tokens", "8", "--quiet")
         results[backend] = json.loads((out / f"eval-{backend}" / "summary.json").read_text())
     (out / "results.json").write_text(json.dumps({"settings": s, "moe": not args.no_moe, "eval": results,
+                                                  "stage2_phases": [p.name for p in phases],
                                                   "seconds": round(time.time() - t0)}, indent=2))
     log(f"all done in {time.time() - t0:.0f} s; results in {out / 'results.json'}")
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from parrot.demo import phrases as P
-from parrot.demo.data import HELDOUT_COMBOS, build
+from parrot.demo.data import HELDOUT_COMBOS, build, restrict, turn_type
 from parrot.eval.data import read_dataset
 from parrot.eval.prompt import INSTRUCTIONS, build_prompt
 from parrot.eval.sources import resolve_sources
@@ -114,3 +114,27 @@ def test_descriptions_agree_in_gender():
     assert P.describe("ru", "white", "square") == "белый квадрат"
     assert P.describe("ar", "green", "star") == "نجمة خضراء"
     assert P.describe("pt", "black", "star") == "uma estrela preta"
+
+
+def test_restrict_keeps_the_turns_of_the_asked_types_with_the_image_in_front(demo_data):
+    stage2 = json.loads((demo_data / "stage2.json").read_text())
+    pairs = [(s["id"], q["value"].removeprefix("<image>\n"), a["value"])
+             for s in stage2 for q, a in zip(s["conversations"][::2], s["conversations"][1::2])]
+    # the question type, read independently of turn_type: an open answer is one of the type's own answers
+    for _, q, a in pairs:
+        if "\nA. " not in q:
+            lang = next(lg for lg in P.LANGS if any(q in qs for qs in P.QUESTIONS[lg].values()))
+            kinds = {t for t in P.QTYPES for c in P.COLOURS for s in P.SHAPES for n in P.COUNTS for p in P.POSITIONS
+                     if P.answer(lang, t, c, s, n, p) == a}
+            assert turn_type(q) in kinds, (q, a)
+    colour = restrict(stage2, ("colour",))
+    kept = [(s["id"], q["value"].removeprefix("<image>\n"), a["value"])
+            for s in colour for q, a in zip(s["conversations"][::2], s["conversations"][1::2])]
+    assert kept == [x for x in pairs if turn_type(x[1]) == "colour"] and kept
+    for s in colour:  # one image placeholder, in front of the first question; roles alternate
+        values = [t["value"] for t in s["conversations"]]
+        assert values[0].startswith("<image>\n") and sum(v.count("<image>") for v in values) == 1
+        assert [t["from"] for t in s["conversations"]] == ["human", "gpt"] * (len(values) // 2)
+    assert restrict(stage2, tuple(P.QTYPES)) == stage2
+    with pytest.raises(ValueError, match="not a demo question"):
+        turn_type("What is the meaning of life?")

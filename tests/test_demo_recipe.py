@@ -1,5 +1,6 @@
 """The demo's recipe at reduced size, end to end through the public commands: data -> tokenizer -> new LLM and
-pre-trained tower -> `parrot train --stage 1` -> `--stage 2` -> `parrot convert` -> `parrot eval`."""
+pre-trained tower -> `parrot train --stage 1` -> `--stage 2` (a curriculum of four phases) -> `parrot convert`
+-> `parrot eval`."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def test_reduced_recipe_runs_every_stage_and_parrot_eval_scores_it(quick_run):
     datasets = results["eval"]["cpu"]["datasets"]
     assert sorted(datasets) == ["demo_ar", "demo_cn", "demo_en", "demo_pt", "demo_ru", "demo_tr"]
     # every stage learned: the losses of the last tenth are far below those of the first tenth
-    rows = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    # stage 2 is a curriculum of phases (one `parrot train --stage 2` each), the last one named stage2
+    assert results["stage2_phases"][-1] == "stage2" and len(results["stage2_phases"]) == 4
+    rows = [json.loads(x) for phase in results["stage2_phases"]
+            for x in (out / phase / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     tenth = max(1, len(losses) // 10)
     assert sum(losses[-tenth:]) / tenth < 0.3 * sum(losses[:tenth]) / tenth

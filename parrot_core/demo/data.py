@@ -278,6 +278,32 @@ def build(out: str | Path, n_stage1: int = 2000, n_stage2: int = 8000, n_heldout
     return {"stage1": len(stage1), "stage2": len(stage2), "heldout_per_language": n_heldout}
 
 
+def turn_type(question: str) -> str:
+    """The question type (colour, shape, count, position) of a human turn, open or multiple choice."""
+    first = question.replace("<image>", "").strip().split("\n")[0]
+    for lang in P.LANGS:
+        for qtype in P.QTYPES:
+            if first in P.QUESTIONS[lang][qtype]:
+                return qtype
+    raise ValueError(f"not a demo question: {first!r}")
+
+
+def restrict(samples: list[dict], qtypes: tuple[str, ...]) -> list[dict]:
+    """The samples' turns about `qtypes` only (samples left with none are dropped); the image placeholder stays in
+    front of each sample's first question. The recipe's stage-2 curriculum trains on these in turn."""
+    kept = []
+    for sample in samples:
+        c = sample["conversations"]
+        turns = [(c[i], c[i + 1]) for i in range(0, len(c) - 1, 2) if turn_type(c[i]["value"]) in qtypes]
+        convs = []
+        for j, (human, gpt) in enumerate(turns):
+            text = human["value"].replace("<image>", "").strip()
+            convs += [{"from": "human", "value": f"<image>\n{text}" if j == 0 else text}, dict(gpt)]
+        if convs:
+            kept.append({**sample, "conversations": convs})
+    return kept
+
+
 def corpus(out: str | Path) -> list[str]:
     """Every text of the training data (the tokenizer is trained on it; held-out paraphrases are not in it)."""
     out = Path(out)
