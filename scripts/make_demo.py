@@ -1,6 +1,6 @@
 """The recipe of the demo Parrot, from nothing, with the project's public commands.
 
-    python scripts/make_demo.py --output runs/demo            # full recipe (34-43 min on 2 shared cores)
+    python scripts/make_demo.py --output runs/demo            # full recipe (45 min on 2 shared cores)
     python scripts/make_demo.py --output runs/quick --quick   # reduced sizes (the end-to-end test)
     python scripts/make_demo.py --output runs/nomoe --no-moe  # the ablation: stage 2 without the MoE
 
@@ -12,8 +12,9 @@ Steps (each prints its wall time; all seeded):
 4. the tower pre-trained with supervision (cosine heads on every token of hidden_states[-2]) on the colour, shape,
    position and count of the training images (labels.json), then its residual stream rescaled;
 5. `parrot train --stage 1 --llm --vision-tower` on the captions (the projector; tower and LLM frozen);
-6. `parrot train --stage 2 --model <stage 1>` on the instructions (projector, MoE and LLM; tower frozen, as in
-   the paper), or `--no-moe` for the ablation;
+6. `parrot train --stage 2` on the instructions (projector, MoE and LLM; tower frozen, as in the paper) as a
+   curriculum of four runs, each from the one before: colour turns only, + shape, + position, then the whole
+   mixture (count, multiple choice); or `--no-moe` for the ablation;
 7. `parrot convert` to the final float16 official layout, `parrot eval` on the held-out
    TSVs on cpu (and mlx when installed), loss curves (matplotlib) into OUTPUT/loss.png.
 """
