@@ -181,7 +181,10 @@ def test_ctrl_c_keeps_the_answers_and_says_how_to_resume(tiny_ckpt, tmp_path):
     out = tmp_path / "answers.jsonl"
     args = [sys.executable, "-m", "parrot.cli.main", "generate", "--backend", "mlx", "--model", str(tiny_ckpt),
             "-i", str(inp), "-o", str(out), "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: under a job started in the background by a non-interactive shell
+    # (`make test &`, some CI runners) SIGINT is ignored, and Python then raises no KeyboardInterrupt at all
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 3:
