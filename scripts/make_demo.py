@@ -265,7 +265,7 @@ def scale_tower(directory: Path, data: Path, s: dict, target_rms: float = 0.2) -
     return alpha
 
 
-def plot_losses(runs: dict[str, Path], path: Path) -> None:
+def plot_losses(runs: dict[str, Path | list[Path]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
