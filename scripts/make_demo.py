@@ -277,7 +277,7 @@ def plot_losses(runs: dict[str, Path | list[Path]], path: Path) -> None:
         offset = 0
         for run in parts:  # phases one after the other
             f = run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else run / "tower-pretrain-metrics.jsonl"
-            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip() and "loss" in x]
+            rows = [r for r in map(json.loads, filter(str.strip, f.read_text().splitlines())) if "loss" in r]
             ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
             offset += rows[-1]["step"] if rows else 0
         ax.set_title(name)
