@@ -62,9 +62,10 @@ def test_heldout_combinations_and_paraphrases_never_occur_in_training(demo_data)
             assert any(h.split("\n")[0] == qs[0] for h in humans) or qtype != "count", (lang, qtype)
 
 
-def test_mcq_turns_are_parrot_eval_prompts_and_answers_are_letters(demo_data):
+def test_mcq_turns_are_parrot_eval_prompts_answered_with_the_right_options_text(demo_data):
     stage2 = json.loads((demo_data / "stage2.json").read_text())
-    n = 0
+    labels = json.loads((demo_data / "labels.json").read_text())
+    n = generic = 0
     for s in stage2:
         turns = s["conversations"]
         for q, a in zip(turns[::2], turns[1::2]):
@@ -76,8 +77,15 @@ def test_mcq_turns_are_parrot_eval_prompts_and_answers_are_letters(demo_data):
             row = {"question": lines[0], **{ln[0]: ln[3:] for ln in lines[1:5]}}
             suffix = next((k for k, v in INSTRUCTIONS.items() if text.endswith(v)), "_en")
             assert build_prompt(row, f"demo{suffix}") == text
-            assert a["value"] in "ABCD" and len(a["value"]) == 1
+            # the answer is one option's text, and that option is what the image shows (labels.json)
+            qtype = turn_type(text)
+            lang = P.LANGS[int(s["id"].split("_")[1]) % len(P.LANGS)]  # sample i is asked in language i mod 6
+            truth = labels[s["image"]][qtype]
+            assert [row[k] for k in "ABCD"].count(a["value"]) == 1
+            assert a["value"] == P.option_words(lang, qtype)[truth], (text, a["value"], truth)
+            generic += lines[0] in P.CHOOSE[lang]
     assert n > 60
+    assert 0.1 < generic / n < 0.4  # about a quarter name no question type: the options say it
 
 
 @pytest.mark.parametrize("lang", P.LANGS)

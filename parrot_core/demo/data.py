@@ -8,7 +8,9 @@ left, right, top or bottom; images with several shapes are asked how many there 
 Outputs (`build(out_dir, ...)`):
 - `stage1.json`: English captions (LLaVA-558k style, one "describe" turn);
 - `stage2.json`: instructions in en, zh, pt, ar, tr, ru, 2-6 turns per image, open questions with short
-  answers and multiple-choice questions in exactly the prompt `parrot eval` builds (answer: the letter);
+  answers and multiple-choice questions in exactly the prompt `parrot eval` builds (answer: the right option's
+  text, which `parrot eval` maps to its letter as VLMEvalKit does; a quarter of them asked with a question
+  that names no type, so the options must be read);
 - `heldout/demo_{en,cn,pt,ar,tr,ru}.tsv`: VLMEvalKit MCQ TSVs (base64 images) of new images, asked with
   paraphrases that never occur in training; their one-shape images hold (colour, shape, position)
   combinations that no training image holds (every colour/shape pair and every position is trained,
@@ -192,12 +194,21 @@ def open_answer(scene: Scene, lang: str, qtype: str) -> str:
     return P.answer(lang, qtype, sh.colour, sh.shape, len(scene.shapes), scene.position)
 
 
+# share of the training multiple-choice turns asked with a question that names no type (P.CHOOSE)
+CHOOSE_SHARE = 0.25
+
+
 def _turn(rng: random.Random, scene: Scene, lang: str, qtype: str, heldout: bool, mcq: bool) -> tuple[str, str]:
+    """(question, answer) of one turn. A multiple-choice turn is answered with the right option's text, not its
+    letter: the tiny LLM does not learn to look the letter up (docs/demo.md, fifth and sixth passes); `parrot
+    eval` maps the text to its option as VLMEvalKit's matcher does."""
     qs = P.QUESTIONS[lang][qtype]
     question = qs[-1] if heldout else rng.choice(qs[:-1])
     if mcq:
+        if not heldout and rng.random() < CHOOSE_SHARE:
+            question = rng.choice(P.CHOOSE[lang])
         row = mcq_row(rng, scene, lang, qtype, question)
-        return build_prompt(row, eval_name(lang)), row["answer"]
+        return build_prompt(row, eval_name(lang)), row[row["answer"]]
     return question, open_answer(scene, lang, qtype)
 
 
@@ -280,12 +291,14 @@ def build(out: str | Path, n_stage1: int = 2000, n_stage2: int = 8000, n_heldout
 
 def turn_type(question: str) -> str:
     """The question type (colour, shape, count, position) of a human turn, open or multiple choice."""
-    first = question.replace("<image>", "").strip().split("\n")[0]
+    lines = question.replace("<image>", "").strip().split("\n")
     for lang in P.LANGS:
         for qtype in P.QTYPES:
-            if first in P.QUESTIONS[lang][qtype]:
+            if lines[0] in P.QUESTIONS[lang][qtype]:
                 return qtype
-    raise ValueError(f"not a demo question: {first!r}")
+            if lines[0] in P.CHOOSE[lang] and len(lines) > 1 and lines[1][3:] in P.option_words(lang, qtype).values():
+                return qtype  # a question that names no type: option A's word says it
+    raise ValueError(f"not a demo question: {lines[0]!r}")
 
 
 def restrict(samples: list[dict], qtypes: tuple[str, ...]) -> list[dict]:

@@ -6,7 +6,8 @@ each language needs: Portuguese, Arabic and Russian adjectives agree with the sh
 Russian colour questions are answered in the genitive ("красного цвета"), counted nouns take the
 form their numeral governs (ru "две фигуры", ar "شكلان" / "ثلاثة أشكال", zh "两个").
 
-Multiple-choice options use the plain (dictionary) form of a word: the masculine singular colour.
+Multiple-choice options use the plain (dictionary) form of a word: the masculine singular colour; a
+multiple-choice question is answered with the right option's text (see parrot.demo.data).
 """
 
 from __future__ import annotations
@@ -339,6 +340,17 @@ QUESTIONS = {
             "С какой стороны картинки находится фигура?",
         ],
     },
+}
+
+# multiple-choice questions that name no question type: the options say what is asked (a share of the training
+# multiple-choice turns use these, so that the model reads the options and not only the question's wording)
+CHOOSE = {
+    "en": ["Which option is right?", "Choose the option that matches the image.", "Which answer fits the picture?"],
+    "zh": ["哪个选项是正确的？", "选择与图片相符的选项。", "哪个答案符合这张图？"],
+    "pt": ["Qual opção está certa?", "Escolha a opção que corresponde à imagem.", "Qual resposta combina com a figura?"],
+    "ar": ["أي خيار هو الصحيح؟", "اختر الخيار الذي يطابق الصورة.", "أي إجابة تناسب الصورة؟"],
+    "tr": ["Hangi seçenek doğru?", "Resme uyan seçeneği seçin.", "Hangi cevap resme uyuyor?"],
+    "ru": ["Какой вариант верный?", "Выберите вариант, который подходит к картинке.", "Какой ответ подходит к изображению?"],
 }
 
 # ------------------------------------------------------------------ answers
