@@ -113,7 +113,11 @@ def new_tower(directory: Path, s: dict, seed: int) -> None:
 
 
 # stage 2's curriculum: each phase adds a question type; the last is the whole mixture (count, multiple choice...)
-PHASES = [("colour",), ("colour", "shape"), ("colour", "shape", "position"), ("colour", "shape", "position", "count")]
+# (question types, projector and MoE held): the second phase teaches position alone with the projector and the
+# MoE at learning rate 0 (the LLM alone learns): trained, they let colour, taught first, fill the visual tokens, and
+# position taught later was never read (docs/demo.md, fifth and sixth passes)
+PHASES = [(("colour",), False), (("position",), True), (("colour", "shape", "position"), False),
+          (("colour", "shape", "position", "count"), False)]
 
 
 def phase_steps(total: int) -> list[int]:
@@ -349,15 +353,17 @@ def main() -> None:
 
     samples = json.loads((data / "stage2.json").read_text(encoding="utf-8"))
     previous, phases = s1, []
-    for k, (qtypes, steps) in enumerate(zip(PHASES, phase_steps(s["steps2"]))):
+    for k, ((qtypes, held), steps) in enumerate(zip(PHASES, phase_steps(s["steps2"]))):
         last = k == len(PHASES) - 1
         target = s2 if last else out / f"stage2-{'-'.join(qtypes)}"
         part = data / "stage2.json" if last else out / f"stage2-{'-'.join(qtypes)}.json"
         if not last:
             part.write_text(json.dumps(restrict(samples, qtypes), ensure_ascii=False), encoding="utf-8")
-        log(f"stage 2, phase {k + 1}/{len(PHASES)}: {', '.join(qtypes)} ({steps} steps)")
+        hold = ["--mm-projector-lr", "0", *([] if args.no_moe else ["--moe-lr", "0"])] if held else []
+        log(f"stage 2, phase {k + 1}/{len(PHASES)}: {', '.join(qtypes)} ({steps} steps"
+            f"{'; projector and MoE held' if held else ''})")
         parrot("train", "--stage", "2", "--model", previous, "--data", part, "--image-dir", data / "images",
-               "--output", target, "--lr", s["lr2"], "--max-steps", steps, *no_moe, *common, *watch,
+               "--output", target, "--lr", s["lr2"], "--max-steps", steps, *no_moe, *hold, *common, *watch,
                "--eval-every", s["eval_every"] if last else steps, "--eval-limit", s["eval_limit"])
         previous = target
         phases.append(target)
