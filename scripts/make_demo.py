@@ -1,6 +1,6 @@
 """The recipe of the demo Parrot, from nothing, with the project's public commands.
 
-    python scripts/make_demo.py --output runs/demo            # full recipe (45 min on 2 shared cores)
+    python scripts/make_demo.py --output runs/demo            # full recipe (about 30 min on 2 cores)
     python scripts/make_demo.py --output runs/quick --quick   # reduced sizes (the end-to-end test)
     python scripts/make_demo.py --output runs/nomoe --no-moe  # the ablation: stage 2 without the MoE
 
@@ -13,8 +13,9 @@ Steps (each prints its wall time; all seeded):
    position and count of the training images (labels.json), then its residual stream rescaled;
 5. `parrot train --stage 1 --llm --vision-tower` on the captions (the projector; tower and LLM frozen);
 6. `parrot train --stage 2` on the instructions (projector, MoE and LLM; tower frozen, as in the paper) as a
-   curriculum of four runs, each from the one before: colour turns only, + shape, + position, then the whole
-   mixture (count, multiple choice); or `--no-moe` for the ablation;
+   curriculum of four runs, each from the one before: colour turns only; position turns only with the projector
+   and the MoE held (learning rate 0); colour, shape and position; then the whole mixture (count); or
+   `--no-moe` for the ablation;
 7. `parrot convert` to the final float16 official layout, `parrot eval` on the held-out
    TSVs on cpu (and mlx when installed), loss curves (matplotlib) into OUTPUT/loss.png.
 """

@@ -347,10 +347,12 @@ QUESTIONS = {
 CHOOSE = {
     "en": ["Which option is right?", "Choose the option that matches the image.", "Which answer fits the picture?"],
     "zh": ["哪个选项是正确的？", "选择与图片相符的选项。", "哪个答案符合这张图？"],
-    "pt": ["Qual opção está certa?", "Escolha a opção que corresponde à imagem.", "Qual resposta combina com a figura?"],
+    "pt": ["Qual opção está certa?", "Escolha a opção que corresponde à imagem.",
+           "Qual resposta combina com a figura?"],
     "ar": ["أي خيار هو الصحيح؟", "اختر الخيار الذي يطابق الصورة.", "أي إجابة تناسب الصورة؟"],
     "tr": ["Hangi seçenek doğru?", "Resme uyan seçeneği seçin.", "Hangi cevap resme uyuyor?"],
-    "ru": ["Какой вариант верный?", "Выберите вариант, который подходит к картинке.", "Какой ответ подходит к изображению?"],
+    "ru": ["Какой вариант верный?", "Выберите вариант, который подходит к картинке.",
+           "Какой ответ подходит к изображению?"],
 }
 
 # ------------------------------------------------------------------ answers
