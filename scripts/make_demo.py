@@ -38,7 +38,7 @@ FULL = dict(stage1=6000, stage2=24000, heldout=240, tie=True, steps1=200, steps2
             hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, moe_intermediate=128,
             vision_hidden=64, vision_layers=3, vision_heads=4, image_size=48, patch=8,
             tower_steps=5000, tower_batch=128, tower_lr=2e-3, tower_temperature=16.0, eval_every=500, eval_limit=40)
-QUICK = dict(FULL, stage1=600, stage2=3000, heldout=24, steps1=20, steps2=300, vocab=900, hidden=96, layers=2,
+QUICK = dict(FULL, stage1=600, stage2=3000, heldout=24, steps1=20, steps2=1000, vocab=900, hidden=96, layers=2,
              intermediate=256, moe_intermediate=64, vision_layers=2, tower_steps=300, eval_every=100, eval_limit=12)
 
 
