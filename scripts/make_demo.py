@@ -113,7 +113,7 @@ def new_tower(directory: Path, s: dict, seed: int) -> None:
     ImageSettings.clip_defaults(s["image_size"]).save(directory)
 
 
-# stage 2's curriculum: each phase adds a question type; the last is the whole mixture (count, multiple choice...)
+# stage 2's curriculum, one phase per entry; the last is the whole mixture (count, every multiple-choice turn)
 # (question types, projector and MoE held): the second phase teaches position alone with the projector and the
 # MoE at learning rate 0 (the LLM alone learns): trained, they let colour, taught first, fill the visual tokens, and
 # position taught later was never read (docs/demo.md, fifth and sixth passes)
@@ -348,8 +348,8 @@ def main() -> None:
            "--moe-intermediate-size", s["moe_intermediate"], *common)
     # the held-out accuracy is followed during stage 2 (`parrot eval`'s scorer, the first questions of each language)
     watch = [x for tsv in sorted((data / "heldout").glob("demo_*.tsv")) for x in ("--eval-data", tsv)]
-    # stage 2 as a curriculum over question types (the earlier types stay in every later phase, all six languages
-    # throughout): trained on the full mixture at once, the LLM learnt count and hardly anything else (docs/demo.md)
+    # stage 2 as a curriculum over question types (PHASES; all six languages throughout): trained on the full mixture
+    # at once, the LLM learnt count and hardly anything else (docs/demo.md)
     from parrot.demo.data import restrict
 
     samples = json.loads((data / "stage2.json").read_text(encoding="utf-8"))

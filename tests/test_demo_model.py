@@ -62,7 +62,6 @@ def test_demo_logits_match_across_backends():
 
 
 # what the bundled images show (their names say it; none of these colour/shape/position combinations is trained)
-MCQ_MIN_PER_LANGUAGE = 0.7  # the shipped demo: 15 of 18 in every language (docs/demo.md)
 TRUTH = {"red_circle_left": ("red", "circle", 1, "left"), "blue_triangle_bottom": ("blue", "triangle", 1, "bottom"),
          "orange_square_top": ("orange", "square", 1, "top"), "black_star_right": ("black", "star", 1, "right"),
          "two_shapes": (None, None, 2, None), "three_shapes": (None, None, 3, None)}
@@ -160,6 +159,9 @@ def _bundled_mcq_tsv(path) -> list[str]:
         pd.DataFrame(rows).to_csv(path / f"{name}.tsv", sep="\t", index=False)
         names.append(name)
     return names
+
+
+MCQ_MIN_PER_LANGUAGE = 0.7  # the shipped demo: 15 of 18 in every language (docs/demo.md)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
